@@ -1,0 +1,22 @@
+"""twfix: safe address reuse, TIME-WAIT diagnostics and sysctl insight.
+
+Start with :func:`reusable_tcp_server`, :func:`reusable_udp` and :func:`reusable_tcp_client`, which
+return ordinary :class:`socket.socket` objects, and with ``twfix doctor`` on the command line.
+"""
+
+from __future__ import annotations
+
+from twfix._twfix import __version__
+from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
+from twfix.sockets import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
+
+__all__ = [
+    "AddressInUseError",
+    "TwfixError",
+    "UnsupportedPlatformError",
+    "__version__",
+    "make_reusable",
+    "reusable_tcp_client",
+    "reusable_tcp_server",
+    "reusable_udp",
+]

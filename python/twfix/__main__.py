@@ -1,0 +1,5 @@
+import sys
+
+from twfix.cli import main
+
+sys.exit(main())

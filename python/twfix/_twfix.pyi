@@ -1,0 +1,23 @@
+# Hand-written stub of the native module; checked by `python -m mypy.stubtest twfix._twfix`.
+
+__version__: str
+
+F_REUSE_ADDR: int
+F_REUSE_PORT: int
+F_V6ONLY: int
+F_DUALSTACK: int
+F_BIND_NO_PORT: int
+F_EXCLUSIVE: int
+F_NO_BIND: int
+
+def open_socket(
+    family: int,
+    sotype: int,
+    ip: str,
+    port: int,
+    scope_id: int = 0,
+    flags: int = 0,
+    backlog: int = -1,
+    multicast_group: str | None = None,
+) -> int: ...
+def set_flags(fd: int, family: int, flags: int) -> None: ...

@@ -1,0 +1,64 @@
+"""The exception hierarchy of twfix.
+
+Every error twfix raises on purpose derives from :class:`TwfixError`. Address conflicts are
+:class:`AddressInUseError`, which is also a stdlib :class:`OSError` with ``errno == EADDRINUSE``
+so existing ``except OSError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twfix.diag import Explanation
+
+__all__ = ["AddressInUseError", "TwfixError", "UnsupportedPlatformError"]
+
+
+class TwfixError(Exception):
+    """Root of the exceptions raised by twfix itself."""
+
+
+class UnsupportedPlatformError(TwfixError, NotImplementedError):
+    """The feature needs Linux (or another platform than the one running)."""
+
+
+class AddressInUseError(OSError, TwfixError):
+    """A bind or listen failed with EADDRINUSE; the message says which address and why.
+
+    Attributes:
+        address: the ``(host, port)`` that was asked for.
+        protocol: ``"tcp"`` or ``"udp"``.
+        explanation: a :class:`twfix.Explanation` of the conflict when the socket table could be read,
+            else ``None``.
+    """
+
+    address: tuple[str, int]
+    protocol: str
+    explanation: Explanation | None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        address: tuple[str, int],
+        protocol: str,
+        explanation: Explanation | None = None,
+    ) -> None:
+        super().__init__(_errno.EADDRINUSE, message)
+        self.address = address
+        self.protocol = protocol
+        self.explanation = explanation
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_address_in_use, (self.strerror, self.address, self.protocol, self.explanation))
+
+
+def _rebuild_address_in_use(
+    message: str, address: tuple[str, int], protocol: str, explanation: Explanation | None
+) -> AddressInUseError:
+    return AddressInUseError(message, address=address, protocol=protocol, explanation=explanation)

@@ -1,0 +1,33 @@
+//! Native core of twfix: syscalls, netlink, /proc parsing and aggregation.
+//!
+//! The Python package `twfix` owns the public API; this module stays small and primitive-typed.
+
+pub mod errors;
+pub mod sockets;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+mod _twfix {
+    use super::*;
+
+    #[pymodule_export]
+    use crate::sockets::open_socket;
+
+    #[cfg(unix)]
+    #[pymodule_export]
+    use crate::sockets::set_flags;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("F_REUSE_ADDR", sockets::REUSE_ADDR)?;
+        m.add("F_REUSE_PORT", sockets::REUSE_PORT)?;
+        m.add("F_V6ONLY", sockets::V6ONLY)?;
+        m.add("F_DUALSTACK", sockets::DUALSTACK)?;
+        m.add("F_BIND_NO_PORT", sockets::BIND_NO_PORT)?;
+        m.add("F_EXCLUSIVE", sockets::EXCLUSIVE)?;
+        m.add("F_NO_BIND", sockets::NO_BIND)?;
+        Ok(())
+    }
+}

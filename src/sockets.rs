@@ -1,0 +1,248 @@
+//! Socket creation: the setsockopt/bind/listen sequences behind the Python constructors.
+//!
+//! Everything here hands back a raw file descriptor owned by the caller (Python wraps it in a
+//! `socket.socket`). On every error path the half-built socket is dropped, which closes it.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+
+use pyo3::prelude::*;
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+
+use crate::errors::{Error, Result};
+
+pub const REUSE_ADDR: u32 = 1;
+pub const REUSE_PORT: u32 = 1 << 1;
+pub const V6ONLY: u32 = 1 << 2;
+pub const DUALSTACK: u32 = 1 << 3;
+pub const BIND_NO_PORT: u32 = 1 << 4;
+pub const EXCLUSIVE: u32 = 1 << 5;
+pub const NO_BIND: u32 = 1 << 6;
+const ALL_FLAGS: u32 = (1 << 7) - 1;
+
+/// What the Python layer asks for, already validated there; validated again here so that no
+/// input can make the native side misbehave.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub family: i32,
+    pub sotype: i32,
+    pub ip: &'a str,
+    pub port: u16,
+    pub scope_id: u32,
+    pub flags: u32,
+    /// `listen()` backlog; negative means "do not listen".
+    pub backlog: i32,
+    pub multicast_group: Option<&'a str>,
+}
+
+fn parse_addr(family: i32, ip: &str, port: u16, scope_id: u32) -> Result<SocketAddr> {
+    let addr: IpAddr = ip.parse().map_err(|_| Error::Invalid(format!("host {ip:?} is not an IP address")))?;
+    match (family, addr) {
+        (libc::AF_INET, IpAddr::V4(a)) => Ok(SocketAddr::from((a, port))),
+        (libc::AF_INET6, IpAddr::V6(a)) => Ok(SocketAddr::V6(SocketAddrV6::new(a, port, 0, scope_id))),
+        (libc::AF_INET, IpAddr::V6(_)) => Err(Error::Invalid(format!("host {ip:?} is IPv6 but family is AF_INET"))),
+        (libc::AF_INET6, IpAddr::V4(_)) => Err(Error::Invalid(format!("host {ip:?} is IPv4 but family is AF_INET6"))),
+        _ => Err(Error::Invalid(format!("unsupported address family {family}"))),
+    }
+}
+
+fn describe(addr: &SocketAddr) -> String {
+    addr.to_string()
+}
+
+fn setopt_int(sock: &Socket, level: i32, name: i32, value: i32, what: &str) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let v: libc::c_int = value;
+        // SAFETY: the fd is valid for the lifetime of `sock`; the option value is a c_int on the stack.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::last_os(format!("setsockopt({what})")));
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (sock, level, name, value);
+        Err(Error::Unsupported(format!("setsockopt({what}) is not supported on this platform")))
+    }
+}
+
+/// Apply the reuse options of `flags` to an existing socket.
+pub fn apply_flags(sock: &Socket, family: i32, flags: u32) -> Result<()> {
+    if flags & !ALL_FLAGS != 0 {
+        return Err(Error::Invalid(format!("unknown flag bits {:#x}", flags & !ALL_FLAGS)));
+    }
+    if family == libc::AF_INET6 && flags & (V6ONLY | DUALSTACK) != 0 {
+        sock.set_only_v6(flags & DUALSTACK == 0).map_err(|e| Error::os(e, "setsockopt(IPV6_V6ONLY)"))?;
+    }
+    if flags & EXCLUSIVE != 0 {
+        #[cfg(windows)]
+        {
+            // SO_EXCLUSIVEADDRUSE = ~SO_REUSEADDR on Winsock.
+            setopt_int(sock, 0xffff, !0x0004, 1, "SO_EXCLUSIVEADDRUSE")?;
+        }
+    } else if flags & REUSE_ADDR != 0 {
+        sock.set_reuse_address(true).map_err(|e| Error::os(e, "setsockopt(SO_REUSEADDR)"))?;
+    }
+    if flags & REUSE_PORT != 0 {
+        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+        sock.set_reuse_port(true).map_err(|e| Error::os(e, "setsockopt(SO_REUSEPORT)"))?;
+        #[cfg(not(all(unix, not(target_os = "solaris"), not(target_os = "illumos"))))]
+        return Err(Error::Unsupported("SO_REUSEPORT is not available on this platform".into()));
+    }
+    if flags & BIND_NO_PORT != 0 {
+        #[cfg(target_os = "linux")]
+        setopt_int(sock, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1, "IP_BIND_ADDRESS_NO_PORT")?;
+    }
+    Ok(())
+}
+
+fn join_group(sock: &Socket, group: &str) -> Result<()> {
+    let addr: IpAddr = group.parse().map_err(|_| Error::Invalid(format!("multicast group {group:?} is not an IP address")))?;
+    if !addr.is_multicast() {
+        return Err(Error::Invalid(format!("{group} is not a multicast address")));
+    }
+    match addr {
+        IpAddr::V4(g) => sock
+            .join_multicast_v4(&g, &std::net::Ipv4Addr::UNSPECIFIED)
+            .map_err(|e| Error::os(e, format!("join multicast group {g}"))),
+        IpAddr::V6(g) => sock.join_multicast_v6(&g, 0).map_err(|e| Error::os(e, format!("join multicast group {g}"))),
+    }
+}
+
+/// Create, configure, bind (and optionally listen on) a socket.
+pub fn open(req: &Request<'_>) -> Result<Socket> {
+    let domain = match req.family {
+        libc::AF_INET => Domain::IPV4,
+        libc::AF_INET6 => Domain::IPV6,
+        other => return Err(Error::Invalid(format!("unsupported address family {other}"))),
+    };
+    let (ty, proto) = match req.sotype {
+        libc::SOCK_STREAM => (Type::STREAM, Protocol::TCP),
+        libc::SOCK_DGRAM => (Type::DGRAM, Protocol::UDP),
+        other => return Err(Error::Invalid(format!("unsupported socket type {other}"))),
+    };
+    if req.backlog >= 0 && req.sotype != libc::SOCK_STREAM {
+        return Err(Error::Invalid("only stream sockets can listen".into()));
+    }
+    let addr = if req.flags & NO_BIND == 0 { Some(parse_addr(req.family, req.ip, req.port, req.scope_id)?) } else { None };
+    // socket2 creates the descriptor with SOCK_CLOEXEC set atomically.
+    let sock = Socket::new(domain, ty, Some(proto)).map_err(|e| Error::os(e, "socket"))?;
+    apply_flags(&sock, req.family, req.flags)?;
+    if let Some(group) = req.multicast_group {
+        join_group(&sock, group)?;
+    }
+    if let Some(addr) = addr {
+        sock.bind(&SockAddr::from(addr)).map_err(|e| Error::os(e, format!("bind {}", describe(&addr))))?;
+        if req.backlog >= 0 {
+            sock.listen(req.backlog).map_err(|e| Error::os(e, format!("listen {}", describe(&addr))))?;
+        }
+    }
+    Ok(sock)
+}
+
+#[cfg(unix)]
+fn into_fd(sock: Socket) -> i64 {
+    use std::os::fd::IntoRawFd;
+    i64::from(sock.into_raw_fd())
+}
+
+#[cfg(windows)]
+fn into_fd(sock: Socket) -> i64 {
+    use std::os::windows::io::IntoRawSocket;
+    sock.into_raw_socket() as i64
+}
+
+/// Native entry point: returns the new socket's descriptor.
+#[pyfunction]
+#[pyo3(signature = (family, sotype, ip, port, scope_id=0, flags=0, backlog=-1, multicast_group=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn open_socket(
+    family: i32,
+    sotype: i32,
+    ip: &str,
+    port: u16,
+    scope_id: u32,
+    flags: u32,
+    backlog: i32,
+    multicast_group: Option<&str>,
+) -> PyResult<i64> {
+    let req = Request { family, sotype, ip, port, scope_id, flags, backlog, multicast_group };
+    Ok(into_fd(open(&req)?))
+}
+
+/// Apply reuse flags to a socket the caller owns (it stays open and owned by the caller).
+#[cfg(unix)]
+#[pyfunction]
+pub fn set_flags(fd: i32, family: i32, flags: u32) -> PyResult<()> {
+    use std::os::fd::BorrowedFd;
+    if fd < 0 {
+        return Err(Error::Invalid(format!("invalid file descriptor {fd}")).into());
+    }
+    // SAFETY: the caller (a live Python socket object) owns `fd` for the duration of this call;
+    // SockRef never closes it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let sock = SockRef::from(&borrowed);
+    apply_flags(&sock, family, flags)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ip: &str, flags: u32, backlog: i32) -> Request<'_> {
+        Request {
+            family: libc::AF_INET,
+            sotype: libc::SOCK_STREAM,
+            ip,
+            port: 0,
+            scope_id: 0,
+            flags,
+            backlog,
+            multicast_group: None,
+        }
+    }
+
+    #[test]
+    fn rejects_bad_addresses() {
+        for ip in ["", "nope", "1.2.3", "::1", "256.0.0.1"] {
+            assert!(matches!(open(&req(ip, 0, -1)), Err(Error::Invalid(_))), "{ip}");
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_flags_and_families() {
+        assert!(matches!(open(&req("127.0.0.1", 1 << 20, -1)), Err(Error::Invalid(_))));
+        let mut r = req("127.0.0.1", 0, -1);
+        r.family = 12345;
+        assert!(matches!(open(&r), Err(Error::Invalid(_))));
+        r.family = libc::AF_INET;
+        r.sotype = 999;
+        assert!(matches!(open(&r), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn binds_with_reuseaddr() {
+        let s = open(&req("127.0.0.1", REUSE_ADDR, 8)).expect("bind on loopback");
+        assert!(s.reuse_address().expect("getsockopt"));
+        let local = s.local_addr().expect("getsockname").as_socket().expect("inet");
+        assert_ne!(local.port(), 0);
+    }
+
+    #[test]
+    fn unbound_socket_when_asked() {
+        let s = open(&req("", NO_BIND, -1)).expect("socket");
+        let local = s.local_addr().expect("getsockname").as_socket().expect("inet");
+        assert_eq!(local.port(), 0);
+    }
+}
