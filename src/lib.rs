@@ -11,12 +11,9 @@ use pyo3::prelude::*;
 mod _twfix {
     use super::*;
 
-    #[pymodule_export]
-    use crate::sockets::open_socket;
-
     #[cfg(unix)]
     #[pymodule_export]
-    use crate::sockets::set_flags;
+    use crate::sockets::{bind_socket, make_reusable};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

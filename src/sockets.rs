@@ -6,7 +6,9 @@
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
 use pyo3::prelude::*;
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use socket2::{SockAddr, Socket};
+#[cfg(test)]
+use socket2::{Domain, Protocol, Type};
 
 use crate::errors::{Error, Result};
 
@@ -119,27 +121,21 @@ fn join_group(sock: &Socket, group: &str) -> Result<()> {
     }
 }
 
-/// Create, configure, bind (and optionally listen on) a socket.
-pub fn open(req: &Request<'_>) -> Result<Socket> {
-    let domain = match req.family {
-        libc::AF_INET => Domain::IPV4,
-        libc::AF_INET6 => Domain::IPV6,
-        other => return Err(Error::Invalid(format!("unsupported address family {other}"))),
-    };
-    let (ty, proto) = match req.sotype {
-        libc::SOCK_STREAM => (Type::STREAM, Protocol::TCP),
-        libc::SOCK_DGRAM => (Type::DGRAM, Protocol::UDP),
-        other => return Err(Error::Invalid(format!("unsupported socket type {other}"))),
-    };
+/// Configure, bind (and optionally listen on) a socket the caller created.
+pub fn configure(sock: &Socket, req: &Request<'_>) -> Result<()> {
+    if !matches!(req.family, libc::AF_INET | libc::AF_INET6) {
+        return Err(Error::Invalid(format!("unsupported address family {}", req.family)));
+    }
+    if !matches!(req.sotype, libc::SOCK_STREAM | libc::SOCK_DGRAM) {
+        return Err(Error::Invalid(format!("unsupported socket type {}", req.sotype)));
+    }
     if req.backlog >= 0 && req.sotype != libc::SOCK_STREAM {
         return Err(Error::Invalid("only stream sockets can listen".into()));
     }
     let addr = if req.flags & NO_BIND == 0 { Some(parse_addr(req.family, req.ip, req.port, req.scope_id)?) } else { None };
-    // socket2 creates the descriptor with SOCK_CLOEXEC set atomically.
-    let sock = Socket::new(domain, ty, Some(proto)).map_err(|e| Error::os(e, "socket"))?;
-    apply_flags(&sock, req.family, req.flags)?;
+    apply_flags(sock, req.family, req.flags)?;
     if let Some(group) = req.multicast_group {
-        join_group(&sock, group)?;
+        join_group(sock, group)?;
     }
     if let Some(addr) = addr {
         sock.bind(&SockAddr::from(addr)).map_err(|e| Error::os(e, format!("bind {}", describe(&addr))))?;
@@ -147,26 +143,32 @@ pub fn open(req: &Request<'_>) -> Result<Socket> {
             sock.listen(req.backlog).map_err(|e| Error::os(e, format!("listen {}", describe(&addr))))?;
         }
     }
-    Ok(sock)
+    Ok(())
 }
 
+/// Borrow a descriptor owned by a live Python socket object without taking ownership.
 #[cfg(unix)]
-fn into_fd(sock: Socket) -> i64 {
-    use std::os::fd::IntoRawFd;
-    i64::from(sock.into_raw_fd())
+fn with_borrowed<T>(fd: i32, f: impl FnOnce(&Socket) -> Result<T>) -> Result<T> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    if fd < 0 {
+        return Err(Error::Invalid(format!("invalid file descriptor {fd}")));
+    }
+    // SAFETY: the caller's socket object owns `fd` for the duration of this call; ownership is
+    // handed back with `into_raw_fd` below, so the descriptor is never closed here.
+    let sock = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+    let out = f(&sock);
+    let _ = std::mem::ManuallyDrop::into_inner(sock).into_raw_fd();
+    out
 }
 
-#[cfg(windows)]
-fn into_fd(sock: Socket) -> i64 {
-    use std::os::windows::io::IntoRawSocket;
-    sock.into_raw_socket() as i64
-}
-
-/// Native entry point: returns the new socket's descriptor.
+/// Native entry point: configure and bind the socket behind `fd` (owned by the caller, who closes it
+/// on error).
+#[cfg(unix)]
 #[pyfunction]
-#[pyo3(signature = (family, sotype, ip, port, scope_id=0, flags=0, backlog=-1, multicast_group=None))]
+#[pyo3(signature = (fd, family, sotype, ip, port, scope_id, flags, backlog, multicast_group=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn open_socket(
+pub fn bind_socket(
+    fd: i32,
     family: i32,
     sotype: i32,
     ip: &str,
@@ -175,24 +177,31 @@ pub fn open_socket(
     flags: u32,
     backlog: i32,
     multicast_group: Option<&str>,
-) -> PyResult<i64> {
+) -> PyResult<()> {
     let req = Request { family, sotype, ip, port, scope_id, flags, backlog, multicast_group };
-    Ok(into_fd(open(&req)?))
+    with_borrowed(fd, |sock| configure(sock, &req))?;
+    Ok(())
 }
 
-/// Apply reuse flags to a socket the caller owns (it stays open and owned by the caller).
+/// Apply reuse flags to a socket that is not bound yet.
+/// Raises ValueError naming the address when the socket is already bound.
 #[cfg(unix)]
 #[pyfunction]
-pub fn set_flags(fd: i32, family: i32, flags: u32) -> PyResult<()> {
-    use std::os::fd::BorrowedFd;
-    if fd < 0 {
-        return Err(Error::Invalid(format!("invalid file descriptor {fd}")).into());
-    }
-    // SAFETY: the caller (a live Python socket object) owns `fd` for the duration of this call;
-    // SockRef never closes it.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let sock = SockRef::from(&borrowed);
-    apply_flags(&sock, family, flags)?;
+pub fn make_reusable(fd: i32, flags: u32) -> PyResult<()> {
+    with_borrowed(fd, |sock| {
+        let local = sock.local_addr().map_err(|e| Error::os(e, "getsockname"))?;
+        let Some(addr) = local.as_socket() else {
+            return Err(Error::Invalid("sock must be an AF_INET or AF_INET6 socket".into()));
+        };
+        if addr.port() != 0 {
+            return Err(Error::Invalid(format!(
+                "sock is already bound to {addr}: reuse options must be set before bind() to have any effect \
+                 (set them first, then bind)"
+            )));
+        }
+        let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        apply_flags(sock, family, flags)
+    })?;
     Ok(())
 }
 
@@ -213,6 +222,12 @@ mod tests {
         }
     }
 
+    fn open(r: &Request<'_>) -> Result<Socket> {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| Error::os(e, "socket"))?;
+        configure(&sock, r)?;
+        Ok(sock)
+    }
+
     #[test]
     fn rejects_bad_addresses() {
         for ip in ["", "nope", "1.2.3", "::1", "256.0.0.1"] {
@@ -229,6 +244,9 @@ mod tests {
         r.family = libc::AF_INET;
         r.sotype = 999;
         assert!(matches!(open(&r), Err(Error::Invalid(_))));
+        r.sotype = libc::SOCK_DGRAM;
+        r.backlog = 5;
+        assert!(matches!(open(&r), Err(Error::Invalid(_))));
     }
 
     #[test]
@@ -244,5 +262,15 @@ mod tests {
         let s = open(&req("", NO_BIND, -1)).expect("socket");
         let local = s.local_addr().expect("getsockname").as_socket().expect("inet");
         assert_eq!(local.port(), 0);
+    }
+
+    #[test]
+    fn borrowed_descriptor_stays_open() {
+        use std::os::fd::AsRawFd;
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
+        let fd = s.as_raw_fd();
+        with_borrowed(fd, |b| apply_flags(b, libc::AF_INET, REUSE_PORT)).expect("flags");
+        assert!(s.reuse_port().expect("still open"));
+        assert!(matches!(with_borrowed(-1, |_| Ok(())), Err(Error::Invalid(_))));
     }
 }

@@ -10,14 +10,15 @@ F_BIND_NO_PORT: int
 F_EXCLUSIVE: int
 F_NO_BIND: int
 
-def open_socket(
+def bind_socket(
+    fd: int,
     family: int,
     sotype: int,
     ip: str,
     port: int,
-    scope_id: int = 0,
-    flags: int = 0,
-    backlog: int = -1,
+    scope_id: int,
+    flags: int,
+    backlog: int,
     multicast_group: str | None = None,
-) -> int: ...
-def set_flags(fd: int, family: int, flags: int) -> None: ...
+) -> None: ...
+def make_reusable(fd: int, flags: int) -> None: ...

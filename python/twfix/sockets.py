@@ -14,6 +14,7 @@ the options that are right for the protocol:
 
 from __future__ import annotations
 
+import _socket
 import errno
 import math
 import operator
@@ -22,19 +23,35 @@ import sys
 from typing import Final
 
 from twfix import _twfix
-from twfix.errors import AddressInUseError
+from twfix.errors import AddressInUseError, UnsupportedPlatformError
 
 __all__ = ["make_reusable", "reusable_tcp_client", "reusable_tcp_server", "reusable_udp"]
 
 _IS_WINDOWS: Final = sys.platform == "win32"
+_HAVE_NATIVE: Final = hasattr(_twfix, "bind_socket")
+# The C-level attributes: plain ints, without the enum conversion of socket.socket.family/type.
+_RAW_FAMILY: Final = _socket.socket.family.__get__
+_RAW_TYPE: Final = _socket.socket.type.__get__
+_TYPE_MASK: Final = ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
+_F_REUSE_ADDR: Final = _twfix.F_REUSE_ADDR
+_F_REUSE_PORT: Final = _twfix.F_REUSE_PORT
+_F_V6ONLY: Final = _twfix.F_V6ONLY
+_F_DUALSTACK: Final = _twfix.F_DUALSTACK
+_F_BIND_NO_PORT: Final = _twfix.F_BIND_NO_PORT
+_F_EXCLUSIVE: Final = _twfix.F_EXCLUSIVE
+_F_NO_BIND: Final = _twfix.F_NO_BIND
 _TCP: Final = "tcp"
+# Like the stdlib's listen() default.
+_DEFAULT_BACKLOG: Final = min(socket.SOMAXCONN, 128)
+# TCP listeners: SO_REUSEADDR on POSIX; on Windows SO_EXCLUSIVEADDRUSE (its SO_REUSEADDR allows port theft).
+_SERVER_FLAGS: Final = _twfix.F_EXCLUSIVE if _IS_WINDOWS else _twfix.F_REUSE_ADDR
 _UDP: Final = "udp"
 
 
 def _check_port(port: object, name: str = "port") -> int:
     if isinstance(port, bool) or not hasattr(port, "__index__"):
         raise TypeError(f"{name} must be an int, not {type(port).__name__}")
-    value = operator.index(port)  # type: ignore[arg-type]
+    value = operator.index(port)
     if not 0 <= value <= 65535:
         raise ValueError(f"{name} must be in 0..65535, got {value}")
     return value
@@ -59,36 +76,35 @@ def _check_host(host: object, name: str = "host") -> str:
     return host
 
 
-def _check_family(family: object) -> int | None:
-    if family is None:
-        return None
+def _check_family(family: object) -> int:
     if family not in (socket.AF_INET, socket.AF_INET6) or isinstance(family, bool):
         raise ValueError(f"family must be socket.AF_INET, socket.AF_INET6 or None, got {family!r}")
-    return int(family)  # type: ignore[call-overload]
+    return socket.AF_INET if family == socket.AF_INET else socket.AF_INET6
+
+
+# Literal hosts (and "") resolve to themselves; caching that check keeps the constructors as cheap as
+# the stdlib sequence. Names are never cached: they are resolved once per call.
+_LITERALS: dict[tuple[str, int | None], tuple[int, str, int]] = {}
+_LITERALS_MAX: Final = 1024
 
 
 def _resolve(host: str, port: int, family: int | None, sotype: int, name: str = "host") -> tuple[int, str, int]:
     """Turn ``host`` into ``(family, ip_literal, scope_id)``, resolving a name once."""
-    if host == "" or host == "*":
-        if family == socket.AF_INET6:
-            return socket.AF_INET6, "::", 0
-        return socket.AF_INET, "0.0.0.0", 0
-    if "%" not in host:
-        # Fast path for literals: inet_pton is strict (no "1.2.3", no octal), unlike inet_aton.
-        candidate = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            socket.inet_pton(candidate, host)
-        except OSError:
-            pass
-        else:
-            if family is not None and family != candidate:
-                kind = "IPv6" if candidate == socket.AF_INET6 else "IPv4"
-                raise ValueError(f"{name} {host!r} is an {kind} address, which does not match family {family!r}")
-            return candidate, host, 0
+    hit = _LITERALS.get((host, family))
+    if hit is not None:
+        return hit
+    literal = _parse_literal(host, family, name)
+    if literal is not None:
+        if len(_LITERALS) < _LITERALS_MAX:
+            _LITERALS[(host, family)] = literal
+        return literal
+    if "\0" in host:
+        raise ValueError(f"{name} must not contain NUL characters")
     try:
         infos = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, sotype)
-    except socket.gaierror as exc:
-        raise ValueError(f"{name} {host!r} could not be resolved: {exc.strerror}") from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ValueError(f"{name} {host!r} could not be resolved: {reason}") from exc
     for fam, _type, _proto, _canon, sockaddr in infos:
         if fam == socket.AF_INET:
             return fam, str(sockaddr[0]), 0
@@ -97,25 +113,23 @@ def _resolve(host: str, port: int, family: int | None, sotype: int, name: str = 
     raise ValueError(f"{name} {host!r} has no IPv4 or IPv6 address")
 
 
-def _wrap(fd: int, family: int, sotype: int, timeout: float | None) -> socket.socket:
-    proto = socket.IPPROTO_TCP if sotype == socket.SOCK_STREAM else socket.IPPROTO_UDP
+def _parse_literal(host: str, family: int | None, name: str) -> tuple[int, str, int] | None:
+    if host == "" or host == "*":
+        if family == socket.AF_INET6:
+            return socket.AF_INET6, "::", 0
+        return socket.AF_INET, "0.0.0.0", 0
+    if "%" in host or "\0" in host:
+        return None  # scoped IPv6 literals go through getaddrinfo, which knows interface names
+    # inet_pton is strict (no "1.2.3", no octal), unlike inet_aton.
+    candidate = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.socket(family, sotype, proto, fileno=fd)
-    except BaseException:
-        _close_fd(fd)
-        raise
-    if timeout is not None:
-        sock.settimeout(timeout)
-    return sock
-
-
-def _close_fd(fd: int) -> None:
-    import os
-
-    try:
-        os.close(fd)
+        socket.inet_pton(candidate, host)
     except OSError:
-        pass
+        return None
+    if family is not None and family != candidate:
+        kind = "IPv6" if candidate == socket.AF_INET6 else "IPv4"
+        raise ValueError(f"{name} {host!r} is an {kind} address, which does not match family {family!r}")
+    return candidate, host, 0
 
 
 def _open(
@@ -126,17 +140,63 @@ def _open(
     scope_id: int,
     flags: int,
     backlog: int,
-    *,
     protocol: str,
     host: str,
+    timeout: float | None,
     multicast_group: str | None = None,
-) -> int:
+) -> socket.socket:
+    """Create the Python socket, configure and bind it; close it on any error."""
+    sock = socket.socket(family, sotype)
     try:
-        return _twfix.open_socket(family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
+        if timeout is not None:
+            sock.settimeout(timeout)
+        if flags or backlog >= 0 or multicast_group is not None or scope_id:
+            _bind(sock, family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
+        else:
+            sock.bind((ip, port))  # no option to set: this is exactly the stdlib sequence
     except OSError as exc:
+        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise _address_in_use(exc, protocol, host, ip, port, family, flags) from None
         raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind(
+    sock: socket.socket,
+    family: int,
+    sotype: int,
+    ip: str,
+    port: int,
+    scope_id: int,
+    flags: int,
+    backlog: int,
+    multicast_group: str | None,
+) -> None:
+    if _HAVE_NATIVE:
+        _twfix.bind_socket(sock.fileno(), family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
+        return
+    # Platforms without the native socket layer (Windows): the same sequence through the stdlib.
+    if flags & _F_EXCLUSIVE:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", ~socket.SO_REUSEADDR), 1)
+    elif flags & _F_REUSE_ADDR:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if flags & _F_REUSE_PORT:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise UnsupportedPlatformError("SO_REUSEPORT is not available on this platform")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6 and flags & (_F_V6ONLY | _F_DUALSTACK):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if flags & _F_DUALSTACK else 1)
+    if multicast_group is not None:
+        raise UnsupportedPlatformError("multicast_group needs the native socket layer (Linux or another Unix)")
+    if flags & _F_NO_BIND:
+        return
+    sock.bind((ip, port, 0, scope_id) if family == socket.AF_INET6 else (ip, port))
+    if backlog >= 0:
+        sock.listen(backlog)
 
 
 def _address_in_use(
@@ -145,9 +205,7 @@ def _address_in_use(
     """Build the explained error for a failed bind/listen."""
     from twfix import _explain
 
-    return _explain.address_in_use(
-        exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags
-    )
+    return _explain.address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
 
 
 def reusable_udp(
@@ -177,11 +235,14 @@ def reusable_udp(
             (``SO_REUSEADDR``), the one legitimate reason to share a UDP port between users.
             ``host`` should then be "" (or the group address itself).
     """
-    port = _check_port(port)
-    host = _check_host(host)
-    timeout = _check_timeout(timeout)
-    fam = _check_family(family)
-    flags = _twfix.F_REUSE_PORT if reuse_port else 0
+    if type(port) is not int or not 0 <= port <= 65535:
+        port = _check_port(port)
+    if type(host) is not str:
+        host = _check_host(host)
+    if timeout is not None:
+        timeout = _check_timeout(timeout)
+    fam = None if family is None else _check_family(family)
+    flags = _F_REUSE_PORT if reuse_port else 0
     if multicast_group is not None:
         multicast_group = _check_host(multicast_group, "multicast_group")
         group_family, group_ip, _ = _resolve(multicast_group, port, fam, socket.SOCK_DGRAM, "multicast_group")
@@ -189,23 +250,11 @@ def reusable_udp(
             raise ValueError(f"multicast_group {multicast_group!r} is not a multicast address")
         fam = group_family
         multicast_group = group_ip
-        flags |= _twfix.F_REUSE_ADDR
+        flags |= _F_REUSE_ADDR
     family_, ip, scope_id = _resolve(host, port, fam, socket.SOCK_DGRAM)
     if family_ == socket.AF_INET6:
-        flags |= _twfix.F_V6ONLY
-    fd = _open(
-        family_,
-        socket.SOCK_DGRAM,
-        ip,
-        port,
-        scope_id,
-        flags,
-        -1,
-        protocol=_UDP,
-        host=host,
-        multicast_group=multicast_group,
-    )
-    return _wrap(fd, family_, socket.SOCK_DGRAM, timeout)
+        flags |= _F_V6ONLY
+    return _open(family_, socket.SOCK_DGRAM, ip, port, scope_id, flags, -1, _UDP, host, timeout, multicast_group)
 
 
 def _is_multicast(family: int, ip: str) -> bool:
@@ -213,10 +262,6 @@ def _is_multicast(family: int, ip: str) -> bool:
     if family == socket.AF_INET:
         return 224 <= packed[0] <= 239
     return packed[0] == 0xFF
-
-
-def _default_backlog() -> int:
-    return min(socket.SOMAXCONN, 128)
 
 
 def reusable_tcp_server(
@@ -248,32 +293,36 @@ def reusable_tcp_server(
         timeout: passed to ``settimeout()``; None leaves the default.
         family: ``AF_INET`` or ``AF_INET6``; inferred from ``host`` when None.
     """
-    port = _check_port(port)
-    host = _check_host(host)
-    timeout = _check_timeout(timeout)
-    fam = _check_family(family)
+    if type(port) is not int or not 0 <= port <= 65535:
+        port = _check_port(port)
+    if type(host) is not str:
+        host = _check_host(host)
+    if timeout is not None:
+        timeout = _check_timeout(timeout)
+    fam = None if family is None else _check_family(family)
     if backlog is None:
-        backlog_ = _default_backlog()
-    else:
-        if isinstance(backlog, bool) or not isinstance(backlog, int):
-            raise TypeError(f"backlog must be an int or None, not {type(backlog).__name__}")
-        if backlog < 0:
-            raise ValueError(f"backlog must be >= 0, got {backlog}")
-        backlog_ = min(backlog, 2**31 - 1)
+        backlog = _DEFAULT_BACKLOG
+    elif type(backlog) is not int or backlog < 0:
+        backlog = _check_backlog(backlog)
+    flags = _SERVER_FLAGS | _F_REUSE_PORT if reuse_port else _SERVER_FLAGS
     if dualstack_ipv6:
-        if not socket.has_dualstack_ipv6():
-            raise ValueError("dualstack_ipv6 is not supported on this platform")
         if fam == socket.AF_INET:
             raise ValueError("dualstack_ipv6=True needs family AF_INET6, not AF_INET")
+        if not socket.has_dualstack_ipv6():
+            raise ValueError("dualstack_ipv6 is not supported on this platform")
         fam = socket.AF_INET6
     family_, ip, scope_id = _resolve(host, port, fam, socket.SOCK_STREAM)
-    flags = _twfix.F_EXCLUSIVE if _IS_WINDOWS else _twfix.F_REUSE_ADDR
-    if reuse_port:
-        flags |= _twfix.F_REUSE_PORT
     if family_ == socket.AF_INET6:
-        flags |= _twfix.F_DUALSTACK if dualstack_ipv6 else _twfix.F_V6ONLY
-    fd = _open(family_, socket.SOCK_STREAM, ip, port, scope_id, flags, backlog_, protocol=_TCP, host=host)
-    return _wrap(fd, family_, socket.SOCK_STREAM, timeout)
+        flags |= _F_DUALSTACK if dualstack_ipv6 else _F_V6ONLY
+    return _open(family_, socket.SOCK_STREAM, ip, port, scope_id, flags, backlog, _TCP, host, timeout)
+
+
+def _check_backlog(backlog: object) -> int:
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int or None, not {type(backlog).__name__}")
+    if backlog < 0:
+        raise ValueError(f"backlog must be >= 0, got {backlog}")
+    return min(backlog, 2**31 - 1)
 
 
 def reusable_tcp_client(
@@ -313,13 +362,14 @@ def reusable_tcp_client(
     family, ip, scope_id = _resolve(host, port, None, socket.SOCK_STREAM)
     if src_host is not None:
         src_family, src_ip, src_scope = _resolve(src_host, src_port, family, socket.SOCK_STREAM, "source_address host")
-        flags = _twfix.F_BIND_NO_PORT if src_port == 0 else 0
+        flags = _F_BIND_NO_PORT if src_port == 0 else 0
         if family == socket.AF_INET6:
-            flags |= _twfix.F_V6ONLY
-        fd = _open(src_family, socket.SOCK_STREAM, src_ip, src_port, src_scope, flags, -1, protocol=_TCP, host=src_host)
+            flags |= _F_V6ONLY
+        sock = _open(src_family, socket.SOCK_STREAM, src_ip, src_port, src_scope, flags, -1, _TCP, src_host, timeout)
     else:
-        fd = _twfix.open_socket(family, socket.SOCK_STREAM, "", 0, 0, _twfix.F_NO_BIND, -1, None)
-    sock = _wrap(fd, family, socket.SOCK_STREAM, timeout)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if timeout is not None:
+            sock.settimeout(timeout)
     try:
         if family == socket.AF_INET6:
             sock.connect((ip, port, 0, scope_id))
@@ -341,25 +391,26 @@ def make_reusable(sock: socket.socket, *, reuse_port: bool = False) -> socket.so
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
-    if sock.fileno() < 0:
+    fd = sock.fileno()
+    if fd < 0:
         raise ValueError("sock is closed")
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    family = _RAW_FAMILY(sock)
+    if family != socket.AF_INET and family != socket.AF_INET6:
         raise ValueError(f"sock must be an AF_INET or AF_INET6 socket, not {sock.family!r}")
-    sotype = sock.type & ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
-    if sotype not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+    sotype = _RAW_TYPE(sock) & _TYPE_MASK
+    if sotype == socket.SOCK_STREAM:
+        flags = _SERVER_FLAGS | _F_REUSE_PORT if reuse_port else _SERVER_FLAGS
+    elif sotype == socket.SOCK_DGRAM:
+        flags = _F_REUSE_PORT if reuse_port else 0
+    else:
         raise ValueError(f"sock must be a SOCK_STREAM or SOCK_DGRAM socket, not {sock.type!r}")
+    if _HAVE_NATIVE:
+        _twfix.make_reusable(fd, flags)
+        return sock
     bound = sock.getsockname()
     if bound[1] != 0:
-        raise ValueError(
-            f"sock is already bound to {_fmt_addr(bound)}: reuse options must be set before bind() "
-            "to have any effect (set them first, then bind)"
-        )
-    flags = 0
-    if sotype == socket.SOCK_STREAM:
-        flags = _twfix.F_EXCLUSIVE if _IS_WINDOWS else _twfix.F_REUSE_ADDR
-    if reuse_port:
-        flags |= _twfix.F_REUSE_PORT
-    _twfix.set_flags(sock.fileno(), int(sock.family), flags)
+        raise ValueError(f"sock is already bound to {_fmt_addr(bound)}: reuse options must be set before bind()")
+    _bind(sock, family, sotype, "", 0, 0, flags | _F_NO_BIND, -1, None)
     return sock
 
 
