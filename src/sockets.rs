@@ -6,9 +6,9 @@
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
 use pyo3::prelude::*;
-use socket2::{SockAddr, Socket};
 #[cfg(test)]
 use socket2::{Domain, Protocol, Type};
+use socket2::{SockAddr, Socket};
 
 use crate::errors::{Error, Result};
 
@@ -109,7 +109,8 @@ pub fn apply_flags(sock: &Socket, family: i32, flags: u32) -> Result<()> {
 }
 
 fn join_group(sock: &Socket, group: &str) -> Result<()> {
-    let addr: IpAddr = group.parse().map_err(|_| Error::Invalid(format!("multicast group {group:?} is not an IP address")))?;
+    let addr: IpAddr =
+        group.parse().map_err(|_| Error::Invalid(format!("multicast group {group:?} is not an IP address")))?;
     if !addr.is_multicast() {
         return Err(Error::Invalid(format!("{group} is not a multicast address")));
     }
@@ -132,7 +133,8 @@ pub fn configure(sock: &Socket, req: &Request<'_>) -> Result<()> {
     if req.backlog >= 0 && req.sotype != libc::SOCK_STREAM {
         return Err(Error::Invalid("only stream sockets can listen".into()));
     }
-    let addr = if req.flags & NO_BIND == 0 { Some(parse_addr(req.family, req.ip, req.port, req.scope_id)?) } else { None };
+    let addr =
+        if req.flags & NO_BIND == 0 { Some(parse_addr(req.family, req.ip, req.port, req.scope_id)?) } else { None };
     apply_flags(sock, req.family, req.flags)?;
     if let Some(group) = req.multicast_group {
         join_group(sock, group)?;

@@ -121,7 +121,7 @@ def test_live_listener_conflict_is_address_in_use(netns: NetNS) -> None:
         assert info.value.errno == errno.EADDRINUSE
         assert str(info.value).startswith("Address already in use")
         # except OSError still works, as does the errno check people already have.
-        with pytest.raises(OSError, match="127.0.0.1"):
+        with pytest.raises(OSError, match=r"127\.0\.0\.1"):
             twfix.reusable_tcp_server(port, "127.0.0.1")
 
 
@@ -252,7 +252,8 @@ def _run_intruder(port: int, send: socket.socket | None = None) -> dict[str, obj
         stdout=subprocess.PIPE,
         text=True,
     ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         while True:
             line = proc.stdout.readline()
             if not line:

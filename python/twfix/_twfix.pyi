@@ -1,5 +1,17 @@
 # Hand-written stub of the native module; checked by `python -m mypy.stubtest twfix._twfix`.
 
+__all__ = [
+    "F_BIND_NO_PORT",
+    "F_DUALSTACK",
+    "F_EXCLUSIVE",
+    "F_NO_BIND",
+    "F_REUSE_ADDR",
+    "F_REUSE_PORT",
+    "F_V6ONLY",
+    "__version__",
+    "bind_socket",
+    "make_reusable",
+]
 __version__: str
 
 F_REUSE_ADDR: int
