@@ -1,28 +1,195 @@
-"""The ``twfix`` command line."""
+"""The ``twfix`` command line: ``doctor``, ``sysctl``, ``tune``, ``sockets``, ``who``, ``explain``.
+
+``main(argv)`` returns the exit status: 0 when nothing reaches the threshold (doctor) or on success,
+1 when something does, 2 on a usage error. Errors are printed as one line, never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, TextIO
 
 import twfix
+from twfix.errors import TwfixError
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature
+        raise _UsageError(f"{self.prog}: error: {message}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twfix", description="TIME-WAIT and address-reuse diagnostics.")
+    parser = _Parser(prog="twfix", description="TIME-WAIT, port and address-reuse diagnostics for Linux.")
     parser.add_argument("--version", action="version", version=f"twfix {twfix.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("doctor", help="check this host's TIME-WAIT and port situation")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    p.add_argument(
+        "--fail-on",
+        choices=("warning", "error"),
+        default="warning",
+        help="exit 1 when a finding reaches this severity (default: warning)",
+    )
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("sysctl", help="the kernel knobs that matter, with explanations")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tune", help="print (or write, or apply) recommended sysctl changes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="PATH", help="write the snippet to PATH atomically")
+    group.add_argument("--apply", action="store_true", help="set the values now (root only)")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+
+    for name, helptext in (("sockets", "list sockets"), ("who", "who holds a port"), ("explain", "why a bind fails")):
+        p = sub.add_parser(name, help=helptext)
+        if name != "sockets":
+            p.add_argument("port", type=_port_arg)
+        if name == "explain":
+            p.add_argument("--host", default="")
+        if name == "sockets":
+            p.add_argument("--state", action="append", metavar="STATE", help="filter by state (repeatable)")
+            p.add_argument("--port", type=_port_arg)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _port_arg(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _colour(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _dump(data: Any, out: TextIO) -> None:  # noqa: ANN401 - any JSON value
+    out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix.doctor import Severity, doctor
+
+    report = doctor(root=args.root)
+    if args.json:
+        _dump(report.to_dict(), out)
+    else:
+        out.write(report.render(colour=_colour(out)) + "\n")
+    return 1 if report.reaches(Severity(args.fail_on)) else 0
+
+
+def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix import sysctl
+
+    table = sysctl.read(args.names or None)
+    if args.json:
+        _dump(table.to_dict(), out)
+    else:
+        out.write(str(table) + "\n")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix import tune
+
+    plan = tune.plan(root=args.root)
+    if args.write:
+        written = tune.write(plan, args.write)
+        out.write(f"wrote {written.path}" + (f" (previous version kept as {written.backup})" if written.backup else "") + "\n")
+        return 0
+    if args.apply:
+        for change in tune.apply(plan):
+            out.write(f"{change.name}: {change.before} -> {change.after}\n")
+        return 0
+    out.write(plan.snippet())
+    return 0
+
+
+def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix import diag
+
+    entries = diag.sockets("udp" if args.udp else "tcp", states=args.state, port=args.port)
+    if args.json:
+        _dump([e.to_dict() for e in entries], out)
+        return 0
+    for e in entries:
+        raddr = f"{e.raddr.ip}:{e.raddr.port}" if e.raddr else "*"
+        expires = f" {e.expires:.1f}s" if e.expires is not None else ""
+        out.write(f"{e.state:<13} {e.laddr.ip}:{e.laddr.port:<6} {raddr:<28} uid={e.uid}{expires}\n")
+    return 0
+
+
+def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix import diag
+
+    holders = diag.who_holds(args.port, kind="udp" if args.udp else "tcp")
+    if args.json:
+        _dump(holders.to_dict(), out)
+    else:
+        out.write(str(holders) + "\n")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
+    from twfix.conflict import explain
+
+    explanation = explain(args.port, args.host, kind="udp" if args.udp else "tcp")
+    if args.json:
+        _dump(explanation.to_dict(), out)
+    else:
+        out.write(str(explanation) + "\n")
+    return 0
+
+
+_COMMANDS = {
+    "doctor": _cmd_doctor,
+    "sysctl": _cmd_sysctl,
+    "tune": _cmd_tune,
+    "sockets": _cmd_sockets,
+    "who": _cmd_who,
+    "explain": _cmd_explain,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status instead of exiting."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    if args.command is None:
-        parser.print_help(sys.stderr)
+    except _UsageError as exc:
+        parser.print_usage(err)
+        err.write(f"{exc}\n")
         return 2
-    return 0
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.command is None:
+        parser.print_help(err)
+        return 2
+    try:
+        return _COMMANDS[args.command](args, out)
+    except (ValueError, TypeError) as exc:
+        err.write(f"twfix {args.command}: error: {exc}\n")
+        return 2
+    except (TwfixError, OSError, LookupError, NotImplementedError) as exc:
+        err.write(f"twfix {args.command}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130

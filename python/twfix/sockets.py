@@ -203,9 +203,9 @@ def _address_in_use(
     exc: OSError, protocol: str, host: str, ip: str, port: int, family: int, flags: int
 ) -> AddressInUseError:
     """Build the explained error for a failed bind/listen."""
-    from twfix import _explain
+    from twfix import conflict
 
-    return _explain.address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
+    return conflict.address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
 
 
 def reusable_udp(

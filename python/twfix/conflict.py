@@ -1,0 +1,412 @@
+"""Why would (or did) a bind fail? ``twfix.explain`` and the message of :class:`AddressInUseError`.
+
+The verdict rests on two witnesses: a probe bind made right now (with and without the reuse options),
+which is what the kernel actually decides, and the socket table, which says who is in the way:
+live sockets with their owning processes, and TIME-WAIT remnants with their remaining time.
+
+Kernel facts used (see the project's reference on Linux TIME-WAIT):
+
+* A TIME-WAIT socket carries the SO_REUSEADDR flag of the socket it came from (an accepted connection
+  inherits it from its listener); a new bind passes it only if both have the flag.
+* TIME-WAIT lasts a fixed 60 s on Linux (no sysctl changes that).
+* A wildcard address (0.0.0.0, ::) overlaps every specific address of its family.
+* ``ip_local_reserved_ports`` only keeps ports from automatic assignment; explicit binds ignore it.
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import json
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+from twfix import _twfix
+from twfix.errors import AddressInUseError, UnsupportedPlatformError
+
+__all__ = ["Explanation", "Holder", "explain"]
+
+Kind = Literal["tcp", "udp"]
+_KINDS: Final = ("tcp", "udp")
+_TIME_WAIT: Final = 6
+_LISTEN: Final = 10
+_STATE_NAMES: Final = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+    13: "BOUND_INACTIVE",
+}
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A socket bound to the port in question, with its owner when it could be found."""
+
+    state: str
+    laddr: tuple[str, int]
+    raddr: tuple[str, int] | None
+    uid: int | None
+    pid: int | None = None
+    name: str | None = None
+    cmdline: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} ({self.name})" if self.pid is not None else "an unknown process"
+        if self.pid is None and self.uid is not None:
+            who += f" of uid {self.uid}"
+        peer = f" to {_fmt(*self.raddr)}" if self.raddr else ""
+        return f"{self.state} {_fmt(*self.laddr)}{peer}, held by {who}"
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Whether binding ``host:port`` would succeed now, with and without reuse options, and why.
+
+    ``verdict`` is one line; ``reasons`` and ``advice`` expand it. ``can_bind`` is the result of a
+    plain bind, ``can_bind_with_reuse`` of a bind with twfix's options (SO_REUSEADDR for TCP,
+    SO_REUSEPORT for UDP), both probed on the live kernel.
+    """
+
+    kind: str
+    host: str
+    address: tuple[str, int]
+    verdict: str
+    can_bind: bool
+    can_bind_with_reuse: bool
+    reasons: tuple[str, ...] = ()
+    advice: tuple[str, ...] = ()
+    holders: tuple[Holder, ...] = ()
+    time_wait: int = 0
+    time_wait_reuseaddr: bool | None = None
+    frees_in: float | None = None
+    in_ephemeral_range: bool = False
+    reserved: bool = False
+    privileged: bool = False
+    incomplete: str | None = field(default=None)
+
+    def __str__(self) -> str:
+        lines = [self.verdict]
+        lines += [f"  - {r}" for r in self.reasons]
+        lines += [f"  > {a}" for a in self.advice]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        ok = self.can_bind or self.can_bind_with_reuse
+        colour = "#1a7f37" if ok else "#cf222e"
+        items = "".join(f"<li>{esc(r)}</li>" for r in self.reasons)
+        tips = "".join(f"<li>{esc(a)}</li>" for a in self.advice)
+        return (
+            f'<div class="twfix-explanation"><p style="color:{colour}"><b>{esc(self.verdict)}</b></p>'
+            + (f"<ul>{items}</ul>" if items else "")
+            + (f"<p>Advice:</p><ul>{tips}</ul>" if tips else "")
+            + "</div>"
+        )
+
+
+def _fmt(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _read_proc_sys(name: str) -> str | None:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _port_settings() -> tuple[tuple[int, int] | None, list[tuple[int, int]], int]:
+    """(ephemeral range, reserved ranges, ip_unprivileged_port_start) of the caller's namespace."""
+    rng = _read_proc_sys("net.ipv4.ip_local_port_range")
+    ephemeral = None
+    if rng:
+        parts = rng.split()
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            ephemeral = (int(parts[0]), int(parts[1]))
+    reserved: list[tuple[int, int]] = []
+    for chunk in (_read_proc_sys("net.ipv4.ip_local_reserved_ports") or "").split(","):
+        lo, _, hi = chunk.strip().partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            reserved.append((int(lo), int(hi or lo)))
+    start = _read_proc_sys("net.ipv4.ip_unprivileged_port_start")
+    return ephemeral, reserved, int(start) if start and start.isdigit() else 1024
+
+
+def _probe(kind: str, family: int, ip: str, port: int, flags: int) -> int:
+    """Bind a throw-away socket the way the caller would; returns 0 or the errno."""
+    sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    if family == socket.AF_INET6:
+        flags |= _twfix.F_V6ONLY
+    with socket.socket(family, sotype) as probe:
+        try:
+            _twfix.bind_socket(probe.fileno(), family, sotype, ip, port, 0, flags, -1, None)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+    return 0
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::", "::ffff:0.0.0.0")
+
+
+def _unmap(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
+    """Could a socket bound to entry_ip conflict with a bind to ip (same port)?"""
+    if family == entry_family:
+        return _is_wildcard(ip) or _is_wildcard(entry_ip) or ip == entry_ip
+    if family == socket.AF_INET and entry_family == socket.AF_INET6:
+        # An IPv6 socket covers IPv4 only as a dual-stack wildcard or through a v4-mapped address.
+        return entry_ip == "::" or (
+            entry_ip.startswith("::ffff:") and (_is_wildcard(ip) or _unmap(entry_ip) in (ip, "0.0.0.0"))
+        )
+    return False  # twfix binds IPv6 with IPV6_V6ONLY, which never conflicts with IPv4 sockets
+
+
+def _table(kind: str, port: int) -> list[tuple[int, int, str, int, str, int, int, int, int]]:
+    return _twfix.dump_sockets(kind, 0xFFFFFFFF, port, "auto")
+
+
+def _owners(holders: list[Holder], kind: str, port: int) -> tuple[list[Holder], str | None]:
+    """Fill in pid/name/cmdline of live holders from who_holds()."""
+    from twfix.diag import who_holds
+
+    try:
+        found = who_holds(port, kind=kind)
+    except OSError:
+        return holders, "process owners could not be read"
+    by_key = {(h.laddr, h.raddr): h for h in found.holders}
+    out = []
+    for h in holders:
+        owner = by_key.get((h.laddr, h.raddr))
+        if owner is not None and owner.pid is not None:
+            h = Holder(h.state, h.laddr, h.raddr, h.uid, owner.pid, owner.name, owner.cmdline)
+        out.append(h)
+    return out, found.note
+
+
+def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags: int) -> Explanation:
+    address = (ip, port)
+    where = f"{_fmt(ip, port)}/{kind}"
+    if port == 0:
+        return Explanation(
+            kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True, advice=()
+        )
+    plain = _probe(kind, family, ip, port, 0)
+    reuse = _probe(kind, family, ip, port, reuse_flags)
+    ephemeral, reserved_ranges, unpriv = _port_settings()
+    in_range = ephemeral is not None and ephemeral[0] <= port <= ephemeral[1]
+    reserved = any(lo <= port <= hi for lo, hi in reserved_ranges)
+    privileged = port < unpriv
+    reasons: list[str] = []
+    advice: list[str] = []
+
+    if plain == errno.EACCES or reuse == errno.EACCES:
+        return Explanation(
+            kind,
+            host,
+            address,
+            f"{where}: port {port} is privileged (below ip_unprivileged_port_start={unpriv}); "
+            "binding it needs root or CAP_NET_BIND_SERVICE",
+            False,
+            False,
+            advice=("use a port >= ip_unprivileged_port_start, or grant CAP_NET_BIND_SERVICE",),
+            privileged=True,
+        )
+    if plain == errno.EADDRNOTAVAIL:
+        return Explanation(
+            kind,
+            host,
+            address,
+            f"{where}: {ip} is not an address of this host (EADDRNOTAVAIL), so nothing can bind it",
+            False,
+            False,
+            advice=("bind an address that is configured on an interface, or the wildcard",),
+        )
+
+    rows = [r for r in _table(kind, port) if _overlaps(family, ip, r[0], r[2])]
+    tw_rows = [r for r in rows if r[1] == _TIME_WAIT]
+    live = [
+        Holder(_STATE_NAMES.get(r[1], str(r[1])), (r[2], r[3]), (r[4], r[5]) if r[5] else None, r[6])
+        for r in rows
+        if r[1] != _TIME_WAIT
+    ]
+    incomplete = None
+    if live:
+        live, incomplete = _owners(live, kind, port)
+    frees_in = max((r[8] for r in tw_rows if r[8] >= 0), default=-1)
+    frees = round(frees_in / 1000, 1) if tw_rows and frees_in >= 0 else None
+    tw_reuse: bool | None = None
+    if tw_rows and not live and kind == "tcp":
+        tw_reuse = reuse == 0
+
+    listeners = [h for h in live if h.state == "LISTEN" or kind == "udp"]
+    others = [h for h in live if h not in listeners]
+    opt = "SO_REUSEADDR" if kind == "tcp" else "SO_REUSEPORT"
+
+    if plain == 0:
+        verdict = f"{where} is free: a bind would succeed now"
+        if tw_rows:
+            reasons.append(f"{len(tw_rows)} TIME-WAIT socket(s) remain on the port but do not block this bind")
+    elif listeners:
+        first = listeners[0]
+        overlap = "" if first.laddr[0] == ip else f" (overlapping {_fmt(*first.laddr)})"
+        verdict = f"{where} is in use by a live {'listener' if kind == 'tcp' else 'socket'}{overlap}: " + (
+            f"pid {first.pid} ({first.name})" if first.pid is not None else "its owner could not be seen"
+        )
+        for h in listeners:
+            reasons.append(h.describe())
+        if first.laddr[0] != ip:
+            reasons.append(
+                f"{_fmt(*first.laddr)} overlaps {_fmt(ip, port)}: a wildcard address covers every address of its "
+                "family, and Linux refuses the overlap even with SO_REUSEADDR"
+            )
+        if reuse == 0:
+            reasons.append(f"the holder set {opt} as well (same user), so a bind with {opt} shares the port")
+            advice.append(f"pass reuse_port=True only if you really want both to share the port ({opt})")
+        else:
+            advice.append("stop the process holding the port, or choose another port")
+    elif tw_rows and not others:
+        secs = f"{frees:.0f}" if frees is not None else "60"
+        if reuse == 0:
+            verdict = (
+                f"{where} is blocked only by {len(tw_rows)} TIME-WAIT connection(s); a bind with SO_REUSEADDR "
+                "(twfix.reusable_tcp_server) succeeds now"
+            )
+            reasons.append("the TIME-WAIT sockets inherited SO_REUSEADDR from their listener, so they yield to a new "
+                           "bind that sets it too")
+        else:
+            verdict = (
+                f"{where} is blocked by {len(tw_rows)} TIME-WAIT connection(s) of a previous server that did not set "
+                f"SO_REUSEADDR; the port frees in about {secs} s"
+            )
+            reasons.append(
+                "a TIME-WAIT socket only yields to a new bind if the old listener also had SO_REUSEADDR "
+                "(the flag is inherited by its connections); this one did not, so even SO_REUSEADDR cannot bind now"
+            )
+            reasons.append("TIME-WAIT lasts a fixed 60 s on Linux; tcp_fin_timeout does not shorten it")
+            advice.append(f"wait about {secs} s, or bind another port meanwhile")
+            advice.append(
+                "make the server set SO_REUSEADDR before bind() (twfix.reusable_tcp_server does) so that the next "
+                "restart is immediate"
+            )
+    elif others:
+        first = others[0]
+        if in_range and not reserved and first.raddr is not None:
+            verdict = (
+                f"{where} is held by a connection that took it from the ephemeral range "
+                f"{ephemeral[0]}-{ephemeral[1]}"  # type: ignore[index]
+            )
+            advice.append(
+                "keep service ports outside net.ipv4.ip_local_port_range, or list them in "
+                "net.ipv4.ip_local_reserved_ports so that outgoing connections never take them"
+            )
+        else:
+            verdict = f"{where} is in use by {len(others)} connection(s) bound to the port"
+            advice.append("close those connections (a previous instance may still be running), or choose another port")
+        reasons += [h.describe() for h in others]
+        if tw_rows:
+            reasons.append(f"{len(tw_rows)} TIME-WAIT socket(s) also remain on the port")
+    else:
+        verdict = f"{where} cannot be bound now ({os.strerror(plain)}), but no socket on it is visible"
+        reasons.append("the socket table shows nothing on this port in this network namespace")
+
+    if kind == "tcp" and reuse == 0 and plain != 0 and not listeners and not tw_rows:
+        advice.append("a bind with SO_REUSEADDR succeeds now (twfix.reusable_tcp_server)")
+    if in_range and not reserved and plain != 0:
+        reasons.append(f"port {port} lies inside the ephemeral range, where outgoing connections may take it")
+    if reserved:
+        reasons.append(f"port {port} is in ip_local_reserved_ports: only automatic assignment skips it")
+    if incomplete:
+        reasons.append(incomplete)
+    return Explanation(
+        kind,
+        host,
+        address,
+        verdict,
+        plain == 0,
+        reuse == 0,
+        tuple(reasons),
+        tuple(advice),
+        tuple(live),
+        len(tw_rows),
+        tw_reuse,
+        frees,
+        in_range,
+        reserved,
+        privileged,
+        incomplete,
+    )
+
+
+def _require_linux() -> None:
+    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_sockets"):
+        raise UnsupportedPlatformError("twfix.explain() reads the Linux socket table and is available on Linux only")
+
+
+def explain(port: int, host: str = "", kind: str = "tcp") -> Explanation:
+    """Explain whether binding ``host:port`` would succeed now, with and without reuse options, and why.
+
+    Args:
+        port: the port (1..65535; 0 is always free).
+        host: the local address or name ("" for the IPv4 wildcard).
+        kind: ``"tcp"`` or ``"udp"``.
+    """
+    from twfix.sockets import _check_host, _check_port, _resolve
+
+    port = _check_port(port)
+    host = _check_host(host)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'tcp' or 'udp', got {kind!r}")
+    _require_linux()
+    sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    family, ip, _scope = _resolve(host, port, None, sotype)
+    return _analyse(kind, host, family, ip, port, _reuse_flags(kind))
+
+
+def _reuse_flags(kind: str) -> int:
+    return _twfix.F_REUSE_ADDR if kind == "tcp" else _twfix.F_REUSE_PORT
+
+
+def address_in_use(
+    exc: OSError, *, protocol: str, host: str, ip: str, port: int, family: int, flags: int
+) -> AddressInUseError:
+    """The explained error for a constructor whose bind or listen failed with EADDRINUSE."""
+    where = f"{_fmt(ip, port)}/{protocol}"
+    asked = f" (host {host!r})" if host not in ("", ip) else ""
+    explanation: Explanation | None = None
+    try:
+        _require_linux()
+        explanation = _analyse(protocol, host, family, ip, port, flags or _reuse_flags(protocol))
+    except (OSError, UnsupportedPlatformError):
+        explanation = None
+    if explanation is None or explanation.can_bind:
+        # Nothing to add (or the holder left meanwhile): keep the kernel's word.
+        message = f"Address already in use: {where}{asked} ({exc.strerror})"
+    else:
+        message = f"Address already in use: {explanation.verdict}{asked}"
+        details = str(explanation).split("\n", 1)
+        if len(details) == 2:
+            message += "\n" + details[1]
+    return AddressInUseError(message, address=(ip, port), protocol=protocol, explanation=explanation)
