@@ -81,3 +81,29 @@ def netns() -> Iterator[NetNS]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def time_wait_pairs(server: socket.socket, count: int, *, server_closes: bool) -> None:
+    """Open `count` connections to `server` and close them; the side that closes first gets TIME-WAIT.
+
+    server_closes=True leaves TIME-WAIT on the server's port; False leaves it on the clients' ephemeral
+    ports (client-side TIME-WAIT, the kind that exhausts source ports).
+    """
+    family = server.family
+    addr = server.getsockname()[:2]
+    done = 0
+    while done < count:
+        batch = min(256, count - done)
+        clients = []
+        for _ in range(batch):
+            c = socket.socket(family, socket.SOCK_STREAM)
+            c.connect(addr)
+            clients.append(c)
+        accepted = [server.accept()[0] for _ in clients]
+        first, second = (accepted, clients) if server_closes else (clients, accepted)
+        for s in first:
+            s.close()
+        for s in second:
+            s.recv(1)  # wait for the FIN so the close order is certain
+            s.close()
+        done += batch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twfix._twfix import __version__
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
-from twfix.sockets import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
+from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
 
 __all__ = [
     "AddressInUseError",

@@ -373,7 +373,7 @@ def explain(port: int, host: str = "", kind: str = "tcp") -> Explanation:
         host: the local address or name ("" for the IPv4 wildcard).
         kind: ``"tcp"`` or ``"udp"``.
     """
-    from twfix.sockets import _check_host, _check_port, _resolve
+    from twfix.reusable import _check_host, _check_port, _resolve
 
     port = _check_port(port)
     host = _check_host(host)

@@ -244,18 +244,26 @@ def _time_wait_buckets(host: _Host) -> Iterator[Finding]:
             "to get rid of TIME-WAIT",
             _TW_FACT,
         )
-    elif overflow > 0 or tw >= 0.8 * cap:
+    elif tw >= 0.8 * cap:
         yield Finding(
             "TW-BUCKETS-FULL",
             Severity.WARNING,
-            f"TIME-WAIT sockets at {tw} of tcp_max_tw_buckets={cap}"
-            + (f"; {overflow} were destroyed early" if overflow else ""),
+            f"TIME-WAIT sockets at {tw} of tcp_max_tw_buckets={cap}",
             evidence,
             "find the peer that closes first and reuse connections; raise tcp_max_tw_buckets rather than lower it",
             _TW_FACT,
         )
     else:
-        yield Finding("TW-BUCKETS", Severity.OK, f"{tw} TIME-WAIT sockets, well below tcp_max_tw_buckets={cap}", evidence)
+        yield Finding("TW-BUCKETS", Severity.OK, f"{tw} TIME-WAIT sockets, below tcp_max_tw_buckets={cap}", evidence)
+    if overflow > 0:
+        yield Finding(
+            "TW-OVERFLOWED",
+            Severity.INFO,
+            f"{overflow} TIME-WAIT sockets were destroyed early since this namespace started (TCPTimeWaitOverflow)",
+            evidence,
+            "if tcp_max_tw_buckets was lowered on purpose, restore it; otherwise reduce active closes",
+            _TW_FACT,
+        )
 
 
 @_rule

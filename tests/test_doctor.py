@@ -1,0 +1,241 @@
+"""Every doctor rule, built for real in a private network namespace: the finding appears, then disappears
+once the situation is fixed. The experiments at the end back the advice the rules give."""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import twfix
+from tests.conftest import NetNS, time_wait_pairs
+from twfix.doctor import Report, Severity
+
+
+@pytest.fixture
+def empty_root(tmp_path: Path) -> Path:
+    (tmp_path / "etc" / "sysctl.d").mkdir(parents=True)
+    return tmp_path
+
+
+def _codes(report: Report, at_least: Severity = Severity.INFO) -> set[str]:
+    return {f.code for f in report.findings if f.severity.rank >= at_least.rank}
+
+
+def test_report_shape(netns: NetNS, empty_root: Path) -> None:
+    report = twfix.doctor(root=empty_root)
+    assert report.ok, str(report)
+    assert report.findings
+    data = json.loads(report.to_json())
+    assert data["schema"] == 1
+    assert data["ok"] is True
+    assert {"code", "severity", "title", "evidence", "advice", "fact"} <= set(data["findings"][0])
+    text = str(report)
+    assert "twfix doctor" in text
+    assert "verdict: ok" in text
+    assert "<table>" in report._repr_html_()
+
+
+def test_bad_root_is_a_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="root"):
+        twfix.doctor(root=tmp_path / "missing")
+
+
+def test_tw_buckets_zero(netns: NetNS, empty_root: Path) -> None:
+    default = netns.read_sysctl("net.ipv4.tcp_max_tw_buckets")
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "0")
+    report = twfix.doctor(root=empty_root)
+    assert "TW-BUCKETS-ZERO" in _codes(report, Severity.ERROR)
+    assert not report.ok
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", default)
+    assert "TW-BUCKETS-ZERO" not in _codes(twfix.doctor(root=empty_root))
+
+
+def test_tw_buckets_full_and_overflow(netns: NetNS, empty_root: Path) -> None:
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "5")
+    server = twfix.reusable_tcp_server(0, "127.0.0.1")
+    with server:
+        time_wait_pairs(server, 20, server_closes=True)
+    report = twfix.doctor(root=empty_root)
+    full = report.by_code("TW-BUCKETS-FULL")
+    assert full, str(report)
+    assert full[0].evidence["time_wait"] == 5
+    assert full[0].evidence["TCPTimeWaitOverflow"] == 15  # the kernel destroyed the other 15 silently
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "1000")
+    after = twfix.doctor(root=empty_root)
+    assert "TW-BUCKETS-FULL" not in _codes(after)
+    assert "TW-OVERFLOWED" in _codes(after)  # the counter remembers; reported as information
+
+
+def test_ephemeral_small_parity_reserved(netns: NetNS, empty_root: Path) -> None:
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40998")
+    netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "40000-40009")
+    codes = _codes(twfix.doctor(root=empty_root))
+    assert {"EPHEMERAL-SMALL", "EPHEMERAL-PARITY", "EPHEMERAL-RESERVED"} <= codes
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "32768 60999")
+    netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "")
+    codes = _codes(twfix.doctor(root=empty_root))
+    assert not {"EPHEMERAL-SMALL", "EPHEMERAL-PARITY", "EPHEMERAL-RESERVED"} & codes
+
+
+def test_headroom_per_destination(netns: NetNS, empty_root: Path) -> None:
+    server = twfix.reusable_tcp_server(5000, "127.0.0.1")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40003")
+    clients = [socket.create_connection(("127.0.0.1", 5000)) for _ in range(4)]
+    accepted = [server.accept()[0] for _ in clients]
+    with pytest.raises(OSError) as info:  # the 4-tuple arithmetic, witnessed by the kernel
+        socket.create_connection(("127.0.0.1", 5000))
+    assert info.value.errno == errno.EADDRNOTAVAIL
+    report = twfix.doctor(root=empty_root)
+    headroom = report.by_code("EPHEMERAL-HEADROOM")
+    assert headroom, str(report)
+    assert headroom[0].severity == Severity.ERROR
+    assert headroom[0].evidence["headroom"] == 0
+    for s in accepted:  # server closes first: TIME-WAIT lands on port 5000, the client ports come back
+        s.close()
+    for c in clients:
+        c.recv(1)
+        c.close()
+    server.close()
+    assert "EPHEMERAL-HEADROOM" not in _codes(twfix.doctor(root=empty_root))
+
+
+def test_timestamps_off_with_tw_reuse(netns: NetNS, empty_root: Path) -> None:
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
+    assert "TW-REUSE-NO-TIMESTAMPS" in _codes(twfix.doctor(root=empty_root), Severity.WARNING)
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "1")
+    assert "TW-REUSE-NO-TIMESTAMPS" not in _codes(twfix.doctor(root=empty_root))
+
+
+def _add_test_address(address: str) -> None:
+    """An extra, non-loopback address on lo of the private namespace: a test host local to it."""
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+
+
+def test_tw_reuse_loopback_only_with_outgoing_traffic(netns: NetNS, empty_root: Path) -> None:
+    _add_test_address("10.123.0.1")
+    server = twfix.reusable_tcp_server(0, "10.123.0.1", backlog=512)
+    with server:
+        time_wait_pairs(server, 1000, server_closes=False)  # client-side TIME-WAIT toward 10.123.0.1
+    report = twfix.doctor(root=empty_root)
+    found = report.by_code("TW-REUSE-LOOPBACK-ONLY")
+    assert found, str(report)
+    assert found[0].evidence["outgoing_time_wait_non_loopback"] == 1000
+    netns.write_sysctl("net.ipv4.tcp_tw_reuse", "1")
+    assert "TW-REUSE-LOOPBACK-ONLY" not in _codes(twfix.doctor(root=empty_root))
+
+
+def test_listener_inside_ephemeral_range(netns: NetNS, empty_root: Path) -> None:
+    with twfix.reusable_tcp_server(40000, "127.0.0.1"):
+        found = twfix.doctor(root=empty_root).by_code("LISTEN-IN-EPHEMERAL")
+        assert found
+        assert 40000 in found[0].evidence["ports"]
+        netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "40000")
+        assert "LISTEN-IN-EPHEMERAL" not in _codes(twfix.doctor(root=empty_root))
+
+
+def test_folklore_in_sysctl_files(netns: NetNS, empty_root: Path) -> None:
+    conf = empty_root / "etc" / "sysctl.conf"
+    conf.write_text("# tuned by a blog post\nnet.ipv4.tcp_tw_recycle = 1\nnet.ipv4.tcp_tw_reuse=1\n")
+    dropin = empty_root / "etc" / "sysctl.d" / "60-timewait.conf"
+    dropin.write_text(
+        "# reduce TIME_WAIT\nnet.ipv4.tcp_fin_timeout = 15\nnet/ipv4/tcp_syncookies = 1\nnet.ipv4.tcp_max_tw_buckets = 5000\n"
+    )
+    report = twfix.doctor(root=empty_root)
+    recycle = report.by_code("CONF-TW-RECYCLE")
+    assert recycle
+    assert recycle[0].evidence == {"file": str(conf), "line": 2, "text": "net.ipv4.tcp_tw_recycle = 1"}
+    fin = report.by_code("CONF-FIN-TIMEOUT")
+    assert fin
+    assert fin[0].evidence["line"] == 2
+    assert f"{dropin}:2" in fin[0].title
+    assert report.by_code("CONF-SYNCOOKIES")[0].evidence["line"] == 3
+    assert report.by_code("CONF-TW-BUCKETS-LOWERED")[0].evidence["line"] == 4
+    conf.write_text("net.ipv4.tcp_tw_reuse=1\n")
+    dropin.unlink()
+    codes = _codes(twfix.doctor(root=empty_root))
+    assert not {c for c in codes if c.startswith("CONF-")}
+
+
+def test_syncookies_alone_is_not_folklore(netns: NetNS, empty_root: Path) -> None:
+    (empty_root / "etc" / "sysctl.d" / "10-syn.conf").write_text("net.ipv4.tcp_syncookies = 1\n")
+    assert "CONF-SYNCOOKIES" not in _codes(twfix.doctor(root=empty_root))
+
+
+# ------------------------------------------------------------------ experiments behind the advice
+
+
+def test_fact_fin_timeout_does_not_shorten_time_wait(netns: NetNS) -> None:
+    netns.write_sysctl("net.ipv4.tcp_fin_timeout", "3")
+    server = twfix.reusable_tcp_server(0, "127.0.0.1")
+    port = server.getsockname()[1]
+    with server:
+        time_wait_pairs(server, 3, server_closes=True)
+    tws = twfix.sockets("tcp", states=["TIME_WAIT"], port=port)
+    assert len(tws) == 3
+    assert all(e.expires is not None and e.expires > 50 for e in tws)  # still ~60 s, not 3 s
+
+
+def test_fact_tw_recycle_is_gone(netns: NetNS) -> None:
+    assert not Path("/proc/sys/net/ipv4/tcp_tw_recycle").exists()
+
+
+def test_fact_tw_buckets_zero_means_no_time_wait(netns: NetNS) -> None:
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "0")
+    server = twfix.reusable_tcp_server(0, "127.0.0.1")
+    port = server.getsockname()[1]
+    with server:
+        time_wait_pairs(server, 4, server_closes=True)
+    assert twfix.sockets("tcp", states=["TIME_WAIT"], port=port) == []
+
+
+def _exhaust_one_port(dest: tuple[str, int], server: socket.socket) -> None:
+    """With a one-port range, make one client-side TIME-WAIT toward dest."""
+    c = socket.create_connection(dest)
+    a = server.accept()[0]
+    c.close()
+    a.recv(1)
+    a.close()
+
+
+@pytest.mark.parametrize(("reuse", "stamps", "expect_ok"), [(2, 1, False), (1, 1, True), (1, 0, False)])
+def test_fact_tw_reuse_needs_non_loopback_opt_in_and_timestamps(
+    netns: NetNS, reuse: int, stamps: int, expect_ok: bool
+) -> None:
+    _add_test_address("10.123.0.1")
+    netns.write_sysctl("net.ipv4.tcp_timestamps", str(stamps))
+    netns.write_sysctl("net.ipv4.tcp_tw_reuse", str(reuse))
+    netns.write_sysctl("net.ipv4.tcp_tw_reuse_delay", "1")
+    server = twfix.reusable_tcp_server(5001, "10.123.0.1")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40001 40001")
+    with server:
+        _exhaust_one_port(("10.123.0.1", 5001), server)
+        time.sleep(0.05)  # past tcp_tw_reuse_delay (1 ms)
+        try:
+            c = socket.create_connection(("10.123.0.1", 5001))
+        except OSError as exc:
+            assert exc.errno == errno.EADDRNOTAVAIL
+            assert not expect_ok
+        else:
+            c.close()
+            assert expect_ok
+
+
+def test_fact_listener_in_range_loses_to_outgoing_connection(netns: NetNS) -> None:
+    server = twfix.reusable_tcp_server(5002, "127.0.0.1")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40002 40002")
+    with server:
+        c = socket.create_connection(("127.0.0.1", 5002))
+        assert c.getsockname()[1] == 40002
+        with pytest.raises(twfix.AddressInUseError) as info, c:
+            twfix.reusable_tcp_server(40002, "127.0.0.1")
+        explanation = info.value.explanation
+        assert explanation is not None
+        assert explanation.in_ephemeral_range
+        assert "ephemeral range" in str(info.value)
+        server.accept()[0].close()
