@@ -1,0 +1,79 @@
+"""twfix tune: the plan, atomic writes that never clobber foreign files, and root-only apply."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NetNS
+from twfix import tune
+
+
+@pytest.fixture
+def empty_root(tmp_path: Path) -> Path:
+    (tmp_path / "root" / "etc" / "sysctl.d").mkdir(parents=True)
+    return tmp_path / "root"
+
+
+def test_plan_and_write(netns: NetNS, empty_root: Path, tmp_path: Path) -> None:
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40998")
+    plan = tune.plan(root=empty_root)
+    names = {c.name: c.after for c in plan.changes}
+    assert names["net.ipv4.tcp_timestamps"] == 1
+    lo, hi = names["net.ipv4.ip_local_port_range"]
+    assert lo % 2 != hi % 2
+    assert hi - lo + 1 >= 28232
+    assert "tcp_tw_recycle" not in plan.snippet()
+
+    target = tmp_path / "99-twfix.conf"
+    written = tune.write(plan, target)
+    assert written.backup is None
+    assert target.read_text() == plan.snippet()
+    again = tune.write(plan, target)  # our own file: replaced, previous kept
+    assert again.backup == tmp_path / "99-twfix.conf.bak"
+    assert again.backup.read_text() == plan.snippet()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".99-twfix")]  # no temporary left behind
+
+    foreign = tmp_path / "10-admin.conf"
+    foreign.write_text("net.core.somaxconn = 1024\n")
+    with pytest.raises(FileExistsError, match="not written by twfix"):
+        tune.write(plan, foreign)
+    assert foreign.read_text() == "net.core.somaxconn = 1024\n"
+    with pytest.raises(IsADirectoryError):
+        tune.write(plan, tmp_path)
+
+
+def test_apply_sets_values_in_this_namespace(netns: NetNS, empty_root: Path) -> None:
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
+    changes = tune.apply(tune.plan(root=empty_root))
+    assert [(c.name, c.before, c.after) for c in changes] == [("net.ipv4.tcp_timestamps", 0, 1)]
+    assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
+
+
+def test_apply_needs_root(netns: NetNS) -> None:
+    script = (
+        "import sys\n"
+        "from twfix import tune\n"
+        "try:\n"
+        "    tune.apply(tune.Plan((tune.Change('net.ipv4.tcp_timestamps', 0, 1),)))\n"
+        "except PermissionError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    python = sys.executable if os.access(sys.executable, os.X_OK) else "/usr/bin/python3"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert "refused: " in proc.stdout, proc.stderr
+    assert "root" in proc.stdout
+    assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
