@@ -2,6 +2,8 @@
 //!
 //! The Python package `twfix` owns the public API; this module stays small and primitive-typed.
 
+#[cfg(target_os = "linux")]
+pub mod diag;
 pub mod errors;
 pub mod sockets;
 
@@ -14,6 +16,10 @@ mod _twfix {
     #[cfg(unix)]
     #[pymodule_export]
     use crate::sockets::{bind_socket, make_reusable};
+
+    #[cfg(target_os = "linux")]
+    #[pymodule_export]
+    use crate::diag::{dump_sockets, ephemeral_usage, py_netlink_discard, socket_owners, summarize};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

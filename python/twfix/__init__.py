@@ -7,16 +7,43 @@ return ordinary :class:`socket.socket` objects, and with ``twfix doctor`` on the
 from __future__ import annotations
 
 from twfix._twfix import __version__
+from twfix.conflict import Explanation, explain
+from twfix.diag import (
+    Addr,
+    EphemeralUsage,
+    Holders,
+    PortHolder,
+    SocketEntry,
+    SocketSummary,
+    TcpState,
+    ephemeral_usage,
+    sockets,
+    summary,
+    who_holds,
+)
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
 
 __all__ = [
+    "Addr",
     "AddressInUseError",
+    "EphemeralUsage",
+    "Explanation",
+    "Holders",
+    "PortHolder",
+    "SocketEntry",
+    "SocketSummary",
+    "TcpState",
     "TwfixError",
     "UnsupportedPlatformError",
     "__version__",
+    "ephemeral_usage",
+    "explain",
     "make_reusable",
     "reusable_tcp_client",
     "reusable_tcp_server",
     "reusable_udp",
+    "sockets",
+    "summary",
+    "who_holds",
 ]

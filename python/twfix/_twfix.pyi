@@ -10,7 +10,12 @@ __all__ = [
     "F_V6ONLY",
     "__version__",
     "bind_socket",
+    "dump_sockets",
+    "ephemeral_usage",
     "make_reusable",
+    "netlink_discard",
+    "socket_owners",
+    "summarize",
 ]
 __version__: str
 
@@ -34,3 +39,22 @@ def bind_socket(
     multicast_group: str | None = None,
 ) -> None: ...
 def make_reusable(fd: int, flags: int) -> None: ...
+
+# Socket table (Linux only). Records: (family, state, laddr, lport, raddr, rport, uid, inode, expires_ms or -1).
+def dump_sockets(
+    proto: str, states: int, port: int = -1, source: str = "auto"
+) -> list[tuple[int, int, str, int, str, int, int, int, int]]: ...
+def summarize(
+    proto: str, states: int, top: int, source: str = "auto"
+) -> tuple[
+    int,
+    list[tuple[int, int]],
+    list[tuple[int, int, int]],
+    list[tuple[int, int, str, int, int]],
+    list[int],
+]: ...
+def ephemeral_usage(
+    lo: int, hi: int, reserved: list[tuple[int, int]], source: str = "auto"
+) -> list[tuple[int, str, str, int, int, int]]: ...
+def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int]], int]: ...
+def netlink_discard(proto: str, states: int) -> int: ...

@@ -111,7 +111,9 @@ def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
     plan = tune.plan(root=args.root)
     if args.write:
         written = tune.write(plan, args.write)
-        out.write(f"wrote {written.path}" + (f" (previous version kept as {written.backup})" if written.backup else "") + "\n")
+        out.write(
+            f"wrote {written.path}" + (f" (previous version kept as {written.backup})" if written.backup else "") + "\n"
+        )
         return 0
     if args.apply:
         for change in tune.apply(plan):

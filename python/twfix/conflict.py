@@ -294,8 +294,10 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
                 f"{where} is blocked only by {len(tw_rows)} TIME-WAIT connection(s); a bind with SO_REUSEADDR "
                 "(twfix.reusable_tcp_server) succeeds now"
             )
-            reasons.append("the TIME-WAIT sockets inherited SO_REUSEADDR from their listener, so they yield to a new "
-                           "bind that sets it too")
+            reasons.append(
+                "the TIME-WAIT sockets inherited SO_REUSEADDR from their listener, so they yield to a new "
+                "bind that sets it too"
+            )
         else:
             verdict = (
                 f"{where} is blocked by {len(tw_rows)} TIME-WAIT connection(s) of a previous server that did not set "

@@ -121,7 +121,12 @@ class Report:
 
     def _repr_html_(self) -> str:
         esc = html.escape
-        colours = {Severity.OK: "#1a7f37", Severity.INFO: "#0969da", Severity.WARNING: "#9a6700", Severity.ERROR: "#cf222e"}
+        colours = {
+            Severity.OK: "#1a7f37",
+            Severity.INFO: "#0969da",
+            Severity.WARNING: "#9a6700",
+            Severity.ERROR: "#cf222e",
+        }
         rows = []
         for f in self.findings:
             evidence = ", ".join(f"{esc(str(k))}={esc(_short(v))}" for k, v in f.evidence.items())
@@ -359,9 +364,7 @@ def _tw_reuse(host: _Host) -> Iterator[Finding]:
             tws = host.sockets(["TIME_WAIT"])
         except (OSError, NotImplementedError):
             return
-        outgoing = [
-            s for s in tws if lo <= s.laddr.port <= hi and s.raddr is not None and not _is_loopback(s.raddr.ip)
-        ]
+        outgoing = [s for s in tws if lo <= s.laddr.port <= hi and s.raddr is not None and not _is_loopback(s.raddr.ip)]
         if len(outgoing) >= _OUTGOING_TW_THRESHOLD:
             evidence["outgoing_time_wait_non_loopback"] = len(outgoing)
             yield Finding(
@@ -370,8 +373,7 @@ def _tw_reuse(host: _Host) -> Iterator[Finding]:
                 f"{len(outgoing)} client-side TIME-WAITs toward non-loopback destinations, but tcp_tw_reuse=2 "
                 "only reuses loopback ones",
                 evidence,
-                "set net.ipv4.tcp_tw_reuse=1 (outgoing connections only; safe with timestamps), or reuse "
-                "connections",
+                "set net.ipv4.tcp_tw_reuse=1 (outgoing connections only; safe with timestamps), or reuse connections",
                 "tcp_tw_reuse=2 (the default since 4.18) applies to loopback only; it is consulted by connect() "
                 "alone, never by bind() or incoming connections",
             )

@@ -1,0 +1,293 @@
+"""The socket-table engine against the kernel, with `ss` as the independent witness."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import twfix
+from tests.conftest import NetNS, open_fds, time_wait_pairs
+from twfix import _twfix
+from twfix.diag import TcpState
+
+SS_STATES = {
+    "ESTAB": "ESTABLISHED",
+    "TIME-WAIT": "TIME_WAIT",
+    "LISTEN": "LISTEN",
+    "SYN-SENT": "SYN_SENT",
+    "SYN-RECV": "SYN_RECV",
+    "FIN-WAIT-1": "FIN_WAIT1",
+    "FIN-WAIT-2": "FIN_WAIT2",
+    "CLOSE-WAIT": "CLOSE_WAIT",
+    "LAST-ACK": "LAST_ACK",
+    "CLOSING": "CLOSING",
+    "UNCONN": "CLOSE",
+}
+
+
+def ss(*args: str) -> list[tuple[str, int]]:
+    """(state, local port) of each socket `ss -H -n` lists."""
+    out = subprocess.run(["ss", "-H", "-n", *args], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        rows.append((SS_STATES[parts[0]], int(parts[3].rsplit(":", 1)[1])))
+    return rows
+
+
+def _settle() -> None:
+    """Wait (bounded) until no socket is between states, so the table is quiescent."""
+    transient = ["FIN_WAIT1", "FIN_WAIT2", "LAST_ACK", "CLOSING", "SYN_SENT", "SYN_RECV", "CLOSE_WAIT"]
+    for _ in range(100):
+        if not twfix.sockets("tcp", states=transient):
+            return
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def populated(netns: NetNS) -> collections.abc.Iterator[list[socket.socket]]:
+    """Thousands of TIME-WAIT (both sides, IPv4 and IPv6) and some ESTABLISHED sockets."""
+    netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "100000")
+    subprocess.run(["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False)
+    keep: list[socket.socket] = []
+    plan = [("127.0.0.1", 1200, True), ("127.0.0.2", 800, False), ("::1", 700, True), ("::1", 300, False)]
+    for host, count, server_closes in plan:
+        with twfix.reusable_tcp_server(0, host, backlog=512) as server:
+            time_wait_pairs(server, count, server_closes=server_closes)
+    for host in ("127.0.0.1", "::1"):
+        server = twfix.reusable_tcp_server(0, host, backlog=512)
+        keep.append(server)
+        for _ in range(150):
+            keep.append(socket.create_connection(server.getsockname()[:2]))
+            keep.append(server.accept()[0])
+    _settle()
+    yield keep
+    for s in keep:
+        s.close()
+
+
+def test_counts_match_ss_exactly(populated: list[socket.socket]) -> None:
+    ours = twfix.sockets("tcp")
+    theirs = ss("-t", "-a")
+    assert collections.Counter(str(e.state) for e in ours) == collections.Counter(s for s, _ in theirs)
+    assert collections.Counter((str(e.state), e.laddr.port) for e in ours) == collections.Counter(theirs)
+    by_state = collections.Counter(str(e.state) for e in ours)
+    assert by_state["TIME_WAIT"] == 3000
+    assert by_state["ESTABLISHED"] == 600
+    for fam, flag in ((socket.AF_INET, "-4"), (socket.AF_INET6, "-6")):
+        kind = "tcp4" if fam == socket.AF_INET else "tcp6"
+        assert len(twfix.sockets(kind)) == len(ss("-t", "-a", flag))
+
+    summary = twfix.summary("tcp")
+    assert summary.total == len(theirs)
+    assert {str(k): v for k, v in summary.by_state.items()} == dict(collections.Counter(s for s, _ in theirs))
+    top_tw = dict(summary.top_local_ports[TcpState.TIME_WAIT])
+    expected = collections.Counter(p for s, p in theirs if s == "TIME_WAIT")
+    for port, n in top_tw.items():
+        assert expected[port] == n
+    assert sum(summary.time_wait_histogram.values()) == 3000
+    assert summary.time_wait_histogram["50-60s"] + summary.time_wait_histogram["40-50s"] == 3000
+    tw_only = twfix.sockets("tcp", states=["TIME_WAIT"])
+    assert len(tw_only) == 3000
+    assert all(e.uid == 0 and e.inode == 0 and e.expires is not None and 0 < e.expires <= 60 for e in tw_only)
+
+
+def test_netlink_and_proc_agree(populated: list[socket.socket]) -> None:
+    def key(e: twfix.SocketEntry) -> tuple[object, ...]:
+        return (e.family, e.state, e.laddr, e.raddr, e.uid, e.inode)
+
+    nl = twfix.sockets("tcp", source="netlink")
+    pr = twfix.sockets("tcp", source="proc")
+    assert collections.Counter(map(key, nl)) == collections.Counter(map(key, pr))
+    timers_nl = {key(e): e.expires for e in nl if e.state == TcpState.TIME_WAIT}
+    for e in pr:
+        if e.state == TcpState.TIME_WAIT:
+            assert e.expires is not None
+            assert abs(e.expires - (timers_nl[key(e)] or 0)) < 2.0
+    s_nl, s_pr = twfix.summary(source="netlink"), twfix.summary(source="proc")
+    assert s_nl.by_state == s_pr.by_state
+    assert s_nl.top_local_ports == s_pr.top_local_ports
+
+
+def test_udp_matches_ss(netns: NetNS) -> None:
+    socks = [twfix.reusable_udp(0, h) for h in ("127.0.0.1", "127.0.0.1", "::1")]
+    conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    conn.connect(socks[0].getsockname())
+    socks.append(conn)
+    try:
+        ours = twfix.sockets("udp")
+        assert collections.Counter((str(e.state), e.laddr.port) for e in ours) == collections.Counter(ss("-u", "-a"))
+        assert {str(e.state) for e in ours} == {"CLOSE", "ESTABLISHED"}
+        proc = twfix.sockets("udp", source="proc")
+        assert sorted((e.laddr, e.inode) for e in proc) == sorted((e.laddr, e.inode) for e in ours)
+        assert len(twfix.sockets("udp6")) == 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_filters(netns: NetNS) -> None:
+    with twfix.reusable_tcp_server(0, "127.0.0.1") as srv:
+        port = srv.getsockname()[1]
+        (entry,) = twfix.sockets(port=port)
+        assert entry.state == TcpState.LISTEN
+        assert entry.laddr == ("127.0.0.1", port)
+        assert entry.raddr is None
+        assert entry.family == socket.AF_INET
+        assert entry.inode == os.fstat(srv.fileno()).st_ino
+        assert entry.expires is None
+        assert twfix.sockets(states=[TcpState.LISTEN], port=port) == [entry]
+        assert twfix.sockets(states=["time-wait"], port=port) == []
+
+
+def test_who_holds_finds_child_process(netns: NetNS) -> None:
+    code = "import socket,sys,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint(s.getsockname()[1],flush=True)\ntime.sleep(30)"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None
+            port = int(child.stdout.readline())
+            found = twfix.who_holds(port)
+            (holder,) = found.holders
+            assert holder.pid == child.pid
+            assert holder.name == "python" or holder.name.startswith("python")
+            assert holder.cmdline[0] == sys.executable
+            assert holder.state == TcpState.LISTEN
+            assert found.note is None
+            assert str(child.pid) in str(found)
+            assert json.loads(found.to_json())["holders"][0]["pid"] == child.pid
+
+            # As an unprivileged user the socket is still listed, its owner is not visible, and we say why.
+            script = (
+                "import json,sys,twfix\n"
+                "h=twfix.who_holds(int(sys.argv[1]))\n"
+                "print(json.dumps([[x.pid for x in h.holders], h.denied, h.note]))\n"
+            )
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            proc = subprocess.run(
+                [
+                    "setpriv",
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    sys.executable,
+                    "-c",
+                    script,
+                    str(port),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                check=False,
+            )
+            assert proc.returncode == 0, proc.stderr
+            pids, denied, note = json.loads(proc.stdout)
+            assert pids == [None]
+            assert denied > 0
+            assert "other users" in note
+        finally:
+            child.kill()
+
+
+def test_who_holds_time_wait_has_no_owner(netns: NetNS) -> None:
+    srv = twfix.reusable_tcp_server(0, "127.0.0.1")
+    port = srv.getsockname()[1]
+    with srv:
+        time_wait_pairs(srv, 2, server_closes=True)
+    found = twfix.who_holds(port)
+    assert [h.state for h in found.holders] == [TcpState.TIME_WAIT] * 2
+    assert all(h.pid is None for h in found.holders)
+    assert "TIME-WAIT belongs to the kernel" in str(found)
+
+
+def test_ephemeral_usage_arithmetic(netns: NetNS) -> None:
+    server = twfix.reusable_tcp_server(5000, "127.0.0.1")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40009")
+    netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "40008-40009")
+    with server:
+        held = [socket.create_connection(("127.0.0.1", 5000)) for _ in range(3)]
+        acc = [server.accept()[0] for _ in held]
+        time_wait_pairs(server, 2, server_closes=False)
+        (usage,) = twfix.ephemeral_usage()
+        assert usage.remote_ip == "127.0.0.1"
+        assert usage.remote_port == 5000
+        assert (usage.in_use, usage.time_wait, usage.capacity) == (3, 2, 8)
+        assert usage.headroom == 3
+        for s in held + acc:
+            s.close()
+
+
+def test_threads_get_consistent_results(netns: NetNS) -> None:
+    srv = twfix.reusable_tcp_server(0, "127.0.0.1")
+    with srv:
+        time_wait_pairs(srv, 200, server_closes=True)
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                results.append(twfix.summary().by_state[TcpState.TIME_WAIT])
+                results.append(len(twfix.sockets(states=["TIME_WAIT"])))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert results == [200] * 160
+
+
+BAD = [
+    (lambda: twfix.sockets("tcp7"), ValueError, "kind"),
+    (lambda: twfix.sockets(7), TypeError, "kind"),  # type: ignore[arg-type]
+    (lambda: twfix.sockets(states=["NOPE"]), ValueError, "NOPE"),
+    (lambda: twfix.sockets(states=[6]), TypeError, "states"),  # type: ignore[list-item]
+    (lambda: twfix.sockets(port=-1), ValueError, "port"),
+    (lambda: twfix.sockets(port=True), TypeError, "port"),
+    (lambda: twfix.sockets(source="magic"), ValueError, "source"),
+    (lambda: twfix.summary(top=-1), ValueError, "top"),
+    (lambda: twfix.summary("tcp4"), ValueError, "both families"),
+    (lambda: twfix.who_holds(70000), ValueError, "port"),
+    (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
+    (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
+    (lambda: _twfix.dump_sockets("icmp", 1), ValueError, "protocol"),
+    (lambda: _twfix.dump_sockets("tcp", 1, 70000), ValueError, "port"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "word"), BAD)
+def test_bad_input(call, exc, word) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_no_descriptor_leaks(netns: NetNS) -> None:
+    before = open_fds()
+    for _ in range(300):
+        twfix.sockets()
+        twfix.summary("udp")
+        twfix.ephemeral_usage()
+        with pytest.raises(ValueError):
+            twfix.sockets(source="nope")
+    assert open_fds() == before
+
+
+def test_kernel_cost_baseline_counts_messages(netns: NetNS) -> None:
+    with twfix.reusable_tcp_server(0, "127.0.0.1"):
+        assert _twfix.netlink_discard("tcp", 1 << 10) == 1
