@@ -6,6 +6,8 @@
 pub mod diag;
 pub mod errors;
 pub mod sockets;
+#[cfg(target_os = "linux")]
+pub mod sysctl;
 
 use pyo3::prelude::*;
 
@@ -20,6 +22,10 @@ mod _twfix {
     #[cfg(target_os = "linux")]
     #[pymodule_export]
     use crate::diag::{dump_sockets, ephemeral_usage, py_netlink_discard, socket_owners, summarize};
+
+    #[cfg(target_os = "linux")]
+    #[pymodule_export]
+    use crate::sysctl::{read_sysctls, sysctl_path, write_sysctl};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -51,7 +51,7 @@ class NetNS:
 
     def write_sysctl(self, name: str, value: str) -> None:
         with open(self.sysctl_path(name), "w") as f:
-            f.write(value)
+            f.write(value + "\n")  # an empty string alone would not reach the kernel
 
 
 @pytest.fixture

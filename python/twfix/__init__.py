@@ -21,6 +21,8 @@ from twfix.diag import (
     summary,
     who_holds,
 )
+from twfix import sysctl, tune
+from twfix.doctor import Finding, Report, Severity, doctor
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
 
@@ -29,14 +31,18 @@ __all__ = [
     "AddressInUseError",
     "EphemeralUsage",
     "Explanation",
+    "Finding",
     "Holders",
     "PortHolder",
+    "Report",
+    "Severity",
     "SocketEntry",
     "SocketSummary",
     "TcpState",
     "TwfixError",
     "UnsupportedPlatformError",
     "__version__",
+    "doctor",
     "ephemeral_usage",
     "explain",
     "make_reusable",
@@ -45,5 +51,7 @@ __all__ = [
     "reusable_udp",
     "sockets",
     "summary",
+    "sysctl",
+    "tune",
     "who_holds",
 ]

@@ -14,8 +14,11 @@ __all__ = [
     "ephemeral_usage",
     "make_reusable",
     "netlink_discard",
+    "read_sysctls",
     "socket_owners",
     "summarize",
+    "sysctl_path",
+    "write_sysctl",
 ]
 __version__: str
 
@@ -58,3 +61,8 @@ def ephemeral_usage(
 ) -> list[tuple[int, str, str, int, int, int]]: ...
 def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int]], int]: ...
 def netlink_discard(proto: str, states: int) -> int: ...
+
+# Sysctls (Linux only): raw text values, None for knobs the running kernel lacks.
+def read_sysctls(names: list[str], netns: str | None = None) -> list[str | None]: ...
+def write_sysctl(name: str, value: str) -> str | None: ...
+def sysctl_path(name: str) -> str: ...

@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="twfix", description="TIME-WAIT, port and address-reuse diagnostics for Linux.")
-    parser.add_argument("--version", action="version", version=f"twfix {twfix.__version__}")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("doctor", help="check this host's TIME-WAIT and port situation")
@@ -180,8 +180,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         parser.print_usage(err)
         err.write(f"{exc}\n")
         return 2
-    except SystemExit as exc:  # --help / --version
+    except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    if args.version:
+        out.write(f"twfix {twfix.__version__}\n")
+        return 0
     if args.command is None:
         parser.print_help(err)
         return 2

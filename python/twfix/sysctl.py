@@ -1,0 +1,486 @@
+"""Typed, explained reads of the kernel knobs that matter for TIME-WAIT and ports.
+
+``get(name)`` returns a typed value; ``read()`` returns a :class:`SysctlTable` of the catalogue (every
+knob of the project's reference cheat sheet) with value, kernel default, unit, meaning, what it does
+*not* control, whether it is per network namespace, history and advice. ``netns=`` (a path such as
+``/run/netns/NAME``) or ``pid=`` reads another network namespace from a short-lived thread, so the
+caller's namespace never changes. Writes go only through :func:`set` (used by ``twfix tune --apply``)
+and only to catalogue knobs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from twfix import _twfix
+from twfix.errors import TwfixError, UnsupportedPlatformError
+
+__all__ = ["Sysctl", "SysctlTable", "SysctlUnavailableError", "get", "read", "set", "validate"]
+
+Value = int | str | tuple[int, ...] | list[tuple[int, int]]
+
+
+class SysctlUnavailableError(TwfixError, LookupError):
+    """The running kernel has no such knob (removed, not yet added, or host-only)."""
+
+
+@dataclass(frozen=True)
+class _Knob:
+    kind: str  # "int", "range", "ports", "ints", "str"
+    default: Any  # a value, None when it varies, or "ehash/2" style derivations (see _default)
+    unit: str
+    meaning: str
+    not_controls: str
+    per_netns: bool
+    history: str
+    advice: str
+    bounds: tuple[int, int] | None = None  # accepted values for writes
+
+
+_CATALOGUE: Final[dict[str, _Knob]] = {
+    "net.ipv4.tcp_fin_timeout": _Knob(
+        "int",
+        60,
+        "s",
+        "lifetime of orphaned FIN_WAIT_2 sockets (no longer held by any application)",
+        "the length of TIME-WAIT (a fixed 60 s on Linux)",
+        True,
+        "per network namespace since 4.6",
+        "leave at 60 unless orphaned FIN_WAIT_2 sockets pile up; lowering it does nothing for TIME-WAIT",
+        (1, 2**31 - 1),
+    ),
+    "net.ipv4.tcp_tw_reuse": _Knob(
+        "int",
+        2,
+        "",
+        "whether an outgoing connect() may take over a TIME-WAIT 4-tuple: 0 off, 1 all, 2 loopback only",
+        "incoming connections, bind(), or TIME-WAIT length",
+        True,
+        "boolean until 4.18, which added 2 (loopback only) as the default; per namespace since 4.11",
+        "1 helps clients that exhaust source ports toward remote servers (needs timestamps at both ends)",
+        (0, 2),
+    ),
+    "net.ipv4.tcp_tw_reuse_delay": _Knob(
+        "int",
+        1000,
+        "ms",
+        "minimum TIME-WAIT age before tcp_tw_reuse may take it over",
+        "anything when tcp_tw_reuse does not apply",
+        True,
+        "added in 6.14; before, the delay was about 1 s with 1-s granularity",
+        "keep the default; never below the peer's timestamp clock tick",
+        (1, 60000),
+    ),
+    "net.ipv4.tcp_tw_recycle": _Knob(
+        "int",
+        None,
+        "",
+        "(removed) expired TIME-WAIT early and dropped SYNs with older timestamps per remote host",
+        "anything on current kernels: the knob no longer exists",
+        True,
+        "removed in Linux 4.12 (commit 4396e46187ca): it broke clients behind NAT, and from 4.10 everyone",
+        "delete any sysctl.conf line setting it",
+    ),
+    "net.ipv4.tcp_max_tw_buckets": _Knob(
+        "int",
+        "ehash/2",
+        "sockets",
+        "cap on TIME-WAIT plus orphaned FIN_WAIT2 mini-sockets; beyond it they are destroyed at once",
+        "TIME-WAIT length",
+        True,
+        "per network namespace since 4.11; default half the TCP established hash",
+        "never lower it to get rid of TIME-WAIT (excess sockets vanish silently, see TcpExt TCPTimeWaitOverflow)",
+        (0, 2**31 - 1),
+    ),
+    "net.ipv4.tcp_timestamps": _Knob(
+        "int",
+        1,
+        "",
+        "RFC 7323 timestamps: 0 off, 1 on with a random per-connection offset, 2 on without offset",
+        "uptime exposure (value 1 randomises since 4.10)",
+        True,
+        "random offsets since 4.10",
+        "keep 1: PAWS and every TIME-WAIT takeover need timestamps",
+        (0, 2),
+    ),
+    "net.ipv4.ip_local_port_range": _Knob(
+        "range",
+        (32768, 60999),
+        "ports",
+        "ephemeral ports used by connect() and bind(port 0)",
+        "explicitly bound ports",
+        True,
+        "default 32768 60999 since 4.2 (even count); per network namespace",
+        "keep bounds of different parity; widen it for clients with many concurrent connections per destination",
+    ),
+    "net.ipv4.ip_local_reserved_ports": _Knob(
+        "ports",
+        [],
+        "ports",
+        "ports skipped by automatic assignment (connect(), bind(port 0))",
+        "explicit bind()",
+        True,
+        "per network namespace",
+        "list service ports that lie inside ip_local_port_range",
+    ),
+    "net.ipv4.ip_autobind_reuse": _Knob(
+        "int",
+        0,
+        "",
+        "lets bind(port 0) share ports among SO_REUSEADDR sockets once the range is exhausted",
+        "sockets without SO_REUSEADDR (ordinary connect() sockets)",
+        True,
+        "added in 5.7",
+        "leave 0; use IP_BIND_ADDRESS_NO_PORT instead",
+        (0, 1),
+    ),
+    "net.ipv4.ip_unprivileged_port_start": _Knob(
+        "int",
+        1024,
+        "port",
+        "lowest port an unprivileged process may bind",
+        "the ephemeral range, which must start at or above it",
+        True,
+        "added in 4.11",
+        "leave 1024 unless unprivileged services must bind low ports",
+        (0, 65536),
+    ),
+    "net.ipv4.tcp_syncookies": _Knob(
+        "int",
+        1,
+        "",
+        "SYN-flood fallback: 0 off, 1 when a listener's SYN queue overflows, 2 always",
+        "TIME-WAIT or connection closing in general",
+        True,
+        "",
+        "keep 1; it is not a capacity tool and does nothing for TIME-WAIT",
+        (0, 2),
+    ),
+    "net.core.somaxconn": _Knob(
+        "int",
+        4096,
+        "connections",
+        "upper bound on the listen() backlog",
+        "TIME-WAIT",
+        True,
+        "default 4096 since 5.4 (128 before)",
+        "raise only for listeners that overflow (TcpExt ListenOverflows)",
+        (0, 2**31 - 1),
+    ),
+    "net.ipv4.tcp_max_syn_backlog": _Knob(
+        "int",
+        "max(128,ehash/128)",
+        "requests",
+        "per-listener limit of half-open (SYN_RECV) requests",
+        "TIME-WAIT",
+        True,
+        "per network namespace since 4.11",
+        "raise together with somaxconn for listeners under heavy connection rates",
+        (0, 2**31 - 1),
+    ),
+    "net.ipv4.tcp_rfc1337": _Knob(
+        "int",
+        0,
+        "",
+        "0: an in-window RST kills a TIME-WAIT (assassination); 1: such RSTs are ignored",
+        "TIME-WAIT length",
+        True,
+        "",
+        "1 follows RFC 1337; harmless for most hosts",
+        (0, 1),
+    ),
+    "net.ipv4.tcp_max_orphans": _Knob(
+        "int",
+        None,
+        "sockets",
+        "orphaned sockets (not held by any process) not yet in TIME-WAIT",
+        "TIME-WAIT sockets",
+        False,
+        "host-wide: absent inside a child network namespace; default sized from memory",
+        "raise only when the kernel logs 'too many orphaned sockets'",
+        (0, 2**31 - 1),
+    ),
+    "net.ipv4.tcp_ehash_entries": _Knob(
+        "int",
+        None,
+        "buckets",
+        "size of the TCP established hash (negative: shared with the initial namespace)",
+        "anything directly: read-only; it sizes the tcp_max_tw_buckets and tcp_max_syn_backlog defaults",
+        True,
+        "added in 6.1",
+        "information only",
+    ),
+    "net.netfilter.nf_conntrack_tcp_timeout_time_wait": _Knob(
+        "int",
+        120,
+        "s",
+        "lifetime of a connection-tracking entry in TIME_WAIT",
+        "the socket's TIME-WAIT",
+        True,
+        "present only with nf_conntrack loaded",
+        "unrelated to socket TIME-WAIT; leave it",
+        (0, 2**31 - 1),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    """One knob as read from the running kernel, with what it means."""
+
+    name: str
+    value: Value | None
+    raw: str | None
+    default: Value | None
+    default_note: str
+    unit: str
+    meaning: str
+    not_controls: str
+    per_netns: bool
+    available: bool
+    history: str
+    advice: str
+
+    @property
+    def changed(self) -> bool:
+        """True when the running value differs from the kernel default (False when either is unknown)."""
+        return self.available and self.default is not None and self.value != self.default
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["changed"] = self.changed
+        return d
+
+
+class SysctlTable(Mapping[str, Sysctl]):
+    """Rows by name (a read-only mapping) with text, JSON and HTML renderings."""
+
+    def __init__(self, rows: Iterable[Sysctl]) -> None:
+        self._rows = {r.name: r for r in rows}
+
+    def __getitem__(self, name: str) -> Sysctl:
+        return self._rows[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: row.to_dict() for name, row in self._rows.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=list)
+
+    def __str__(self) -> str:
+        lines = []
+        for r in self._rows.values():
+            value = _render(r.value) if r.available else "(absent on this kernel)"
+            mark = " *" if r.changed else ""
+            default = f" (default {_render(r.default)})" if r.default is not None else ""
+            lines.append(f"{r.name} = {value}{mark}{default}{' ' + r.unit if r.unit and r.available else ''}")
+            if r.meaning:
+                lines.append(f"    {r.meaning}")
+            if r.not_controls:
+                lines.append(f"    does not control: {r.not_controls}")
+            if r.history:
+                lines.append(f"    history: {r.history}")
+            if r.advice:
+                lines.append(f"    advice: {r.advice}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        rows = "".join(
+            "<tr>"
+            f"<td><code>{esc(r.name)}</code></td>"
+            f"<td>{esc(_render(r.value)) if r.available else '<i>absent</i>'}</td>"
+            f"<td>{esc(_render(r.default)) if r.default is not None else ''}</td>"
+            f"<td>{esc(r.meaning)}</td><td>{esc(r.advice)}</td>"
+            "</tr>"
+            for r in self._rows.values()
+        )
+        return (
+            "<table class='twfix-sysctl'><tr><th>name</th><th>value</th><th>default</th><th>meaning</th>"
+            f"<th>advice</th></tr>{rows}</table>"
+        )
+
+
+def _render(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, list):
+        return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in value) if value else "(none)"
+    return str(value)
+
+
+def _normalise(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"sysctl name must be a str, not {type(name).__name__}")
+    _require_linux()
+    path = _twfix.sysctl_path(name)  # raises ValueError for hostile names
+    return path[len("/proc/sys/") :].replace("/", ".") if "/" in name else name
+
+
+def _require_linux() -> None:
+    if not sys.platform.startswith("linux") or not hasattr(_twfix, "read_sysctls"):
+        raise UnsupportedPlatformError(f"sysctls are read from Linux /proc/sys; unavailable on {sys.platform}")
+
+
+def _ns_path(netns: str | os.PathLike[str] | None, pid: int | None) -> str | None:
+    if netns is not None and pid is not None:
+        raise ValueError("pass netns= or pid=, not both")
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"pid must be a positive int, got {pid!r}")
+        path = f"/proc/{pid}/ns/net"
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessLookupError(f"no process with pid {pid}")
+        return path
+    if netns is not None:
+        return os.fspath(netns)
+    return None
+
+
+def parse(name: str, raw: str) -> Value:
+    """Turn the text of a knob into its typed value."""
+    knob = _CATALOGUE.get(name)
+    kind = knob.kind if knob else None
+    if kind == "ports":
+        ranges = []
+        for chunk in raw.replace(" ", "").split(","):
+            if not chunk:
+                continue
+            lo, _, hi = chunk.partition("-")
+            ranges.append((int(lo), int(hi or lo)))
+        return ranges
+    tokens = raw.split()
+    if tokens and all(t.lstrip("-").isdigit() for t in tokens):
+        if kind == "range" or len(tokens) > 1:
+            return tuple(int(t) for t in tokens)
+        return int(tokens[0])
+    return raw
+
+
+def _missing(name: str) -> SysctlUnavailableError:
+    knob = _CATALOGUE.get(name)
+    history = f": {knob.history}" if knob and knob.history else ""
+    where = " (host-only: absent inside a child network namespace)" if knob and not knob.per_netns else ""
+    return SysctlUnavailableError(f"{name} does not exist on this kernel{where}{history}")
+
+
+def get(name: str, *, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> Value:
+    """The typed value of one knob (int, tuple of ints, list of port ranges, or str).
+
+    Raises SysctlUnavailableError (a LookupError) when the running kernel lacks it, with its history.
+    """
+    key = _normalise(name)
+    raw = _twfix.read_sysctls([name], _ns_path(netns, pid))[0]
+    if raw is None:
+        raise _missing(key)
+    return parse(key, raw)
+
+
+def _default(name: str, knob: _Knob, ehash: int | None) -> tuple[Value | None, str]:
+    if knob.default == "ehash/2":
+        return (abs(ehash) // 2, "half the TCP established hash") if ehash else (None, "half the TCP established hash")
+    if knob.default == "max(128,ehash/128)":
+        note = "max(128, established hash / 128)"
+        return (max(128, abs(ehash) // 128), note) if ehash else (None, note)
+    return knob.default, ""
+
+
+def read(
+    names: Iterable[str] | None = None,
+    *,
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+) -> SysctlTable:
+    """A table of the catalogue (or of ``names``), read in one pass."""
+    if isinstance(names, str):
+        names = [names]
+    wanted = list(_CATALOGUE) if names is None else [_normalise(n) for n in names]
+    ns = _ns_path(netns, pid)
+    extra = "net.ipv4.tcp_ehash_entries"
+    raws = _twfix.read_sysctls([*wanted, extra], ns)
+    ehash_raw = raws[-1]
+    ehash = int(ehash_raw) if ehash_raw and ehash_raw.lstrip("-").isdigit() else None
+    rows = []
+    for name, raw in zip(wanted, raws[:-1], strict=True):
+        knob = _CATALOGUE.get(name) or _Knob("", None, "", "", "", True, "", "")
+        default, note = _default(name, knob, ehash)
+        rows.append(
+            Sysctl(
+                name,
+                parse(name, raw) if raw is not None else None,
+                raw,
+                default,
+                note,
+                knob.unit,
+                knob.meaning,
+                knob.not_controls,
+                knob.per_netns,
+                raw is not None,
+                knob.history,
+                knob.advice,
+            )
+        )
+    return SysctlTable(rows)
+
+
+def validate(name: str, value: object) -> str:
+    """Check a value for a catalogue knob; returns the text to write. Raises ValueError naming the problem."""
+    key = _normalise(name)
+    knob = _CATALOGUE.get(key)
+    if knob is None:
+        raise ValueError(f"{key} is not one of the knobs twfix manages; refusing to write it")
+    if key == "net.ipv4.tcp_tw_recycle":
+        raise ValueError("tcp_tw_recycle was removed in Linux 4.12 and is never written")
+    if knob.kind == "range":
+        if not (isinstance(value, tuple | list) and len(value) == 2 and all(_is_int(v) for v in value)):
+            raise ValueError(f"{key} takes a (low, high) pair of ints, got {value!r}")
+        lo, hi = value
+        start = get("net.ipv4.ip_unprivileged_port_start") if key.startswith("net.ipv4.ip_local") else 1
+        if not (isinstance(start, int) and start <= lo <= hi <= 65535 and lo >= 1):
+            raise ValueError(f"{key} needs ip_unprivileged_port_start ({start}) <= low <= high <= 65535, got {value!r}")
+        return f"{lo} {hi}"
+    if knob.kind == "ports":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(r, tuple | list)
+            and len(r) == 2
+            and all(_is_int(p) and 0 <= p <= 65535 for p in r)
+            and r[0] <= r[1]
+            for r in value
+        ):
+            raise ValueError(f"{key} takes a list of (low, high) port ranges, got {value!r}")
+        return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in value)
+    if not _is_int(value):
+        raise ValueError(f"{key} takes an int, got {value!r}")
+    assert isinstance(value, int)
+    if knob.bounds is None:
+        raise ValueError(f"{key} is read-only")
+    lo, hi = knob.bounds
+    if not lo <= value <= hi:
+        raise ValueError(f"{key} accepts {lo}..{hi}, got {value}")
+    return str(value)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def set(name: str, value: object) -> Value | None:  # noqa: A001 - mirrors sysctl's own verb
+    """Set a catalogue knob in the caller's network namespace (root only); returns the previous value."""
+    text = validate(name, value)
+    key = _normalise(name)
+    if os.geteuid() != 0:
+        raise PermissionError(f"setting {key} needs root")
+    before = _twfix.write_sysctl(name, text)
+    return parse(key, before) if before is not None else None

@@ -1,0 +1,220 @@
+//! Sysctl names <-> /proc/sys paths, raw reads and writes, optionally inside another network
+//! namespace (entered by a short-lived thread, so the caller's other threads never move).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+
+use crate::errors::{Error, Result};
+
+const ROOT: &str = "/proc/sys";
+const MAX_NAME: usize = 255;
+const MAX_VALUE: usize = 64 * 1024;
+
+fn segment_ok(seg: &str) -> bool {
+    !seg.is_empty()
+        && seg != "."
+        && seg != ".."
+        && seg.len() <= 64
+        && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'+'))
+}
+
+/// Validate a dotted (`net.ipv4.tcp_tw_reuse`) or slashed (`net/ipv4/tcp_tw_reuse`) name and return
+/// its path relative to /proc/sys. Dots inside a slashed name belong to the segment (interface names).
+pub fn relative_path(name: &str) -> Result<String> {
+    let invalid = |why: &str| Error::Invalid(format!("invalid sysctl name {:?}: {why}", truncate(name)));
+    if name.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(invalid("too long"));
+    }
+    if name.contains('\0') {
+        return Err(invalid("contains a NUL byte"));
+    }
+    if name.starts_with('/') || name.starts_with('.') {
+        return Err(invalid("must be relative to /proc/sys (no leading '/' or '.')"));
+    }
+    let segments: Vec<&str> = if name.contains('/') { name.split('/').collect() } else { name.split('.').collect() };
+    for seg in &segments {
+        if seg.is_empty() {
+            return Err(invalid("empty segment"));
+        }
+        if *seg == "." || *seg == ".." {
+            return Err(invalid("'.' and '..' are not allowed"));
+        }
+        if !segment_ok(seg) {
+            return Err(invalid("only letters, digits and _-.:@+ are allowed"));
+        }
+    }
+    Ok(segments.join("/"))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// Full path, checked to resolve (through any symlink) inside /proc/sys. `Ok(None)` when absent.
+pub fn resolve(name: &str) -> Result<Option<PathBuf>> {
+    let rel = relative_path(name)?;
+    let path = PathBuf::from(ROOT).join(&rel);
+    match std::fs::canonicalize(&path) {
+        Ok(real) => {
+            if !real.starts_with(ROOT) || real == std::path::Path::new(ROOT) {
+                return Err(Error::Invalid(format!("sysctl name {name:?} resolves outside /proc/sys")));
+            }
+            if real.is_dir() {
+                return Err(Error::Invalid(format!("{name:?} is a sysctl directory, not a knob")));
+            }
+            Ok(Some(real))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+        Err(e) => Err(Error::os(e, format!("resolve {}", path.display()))),
+    }
+}
+
+fn read_one(name: &str) -> Result<Option<String>> {
+    let Some(path) = resolve(name)? else { return Ok(None) };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::os(e, format!("open {}", path.display()))),
+    };
+    let mut buf = Vec::new();
+    Read::by_ref(&mut file)
+        .take(MAX_VALUE as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::os(e, format!("read {}", path.display())))?;
+    Ok(Some(String::from_utf8_lossy(&buf).trim_end_matches('\n').to_owned()))
+}
+
+fn write_one(name: &str, value: &str) -> Result<Option<String>> {
+    if value.len() > MAX_VALUE || value.contains('\0') {
+        return Err(Error::Invalid(format!("invalid value for {name}")));
+    }
+    let before = read_one(name)?;
+    let Some(path) = resolve(name)? else {
+        return Err(Error::Os { errno: libc::ENOENT, what: format!("sysctl {name} does not exist on this kernel") });
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::os(e, format!("open {} for writing", path.display())))?;
+    file.write_all(value.as_bytes()).map_err(|e| Error::os(e, format!("write {value:?} to {name}")))?;
+    Ok(before)
+}
+
+/// Run `f` in a new thread that first joins the network namespace at `ns_path`.
+fn in_netns<T: Send + 'static>(ns_path: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    if ns_path.is_empty() || ns_path.contains('\0') {
+        return Err(Error::Invalid(format!("invalid namespace path {ns_path:?}")));
+    }
+    let ns = std::fs::File::open(ns_path).map_err(|e| Error::os(e, format!("open namespace {ns_path}")))?;
+    let path = ns_path.to_owned();
+    let handle = std::thread::Builder::new()
+        .name("twfix-netns".into())
+        .spawn(move || -> Result<T> {
+            // SAFETY: setns on this thread only; the fd stays open until the closure returns.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINVAL) {
+                    return Err(Error::Invalid(format!("{path} is not a network namespace")));
+                }
+                return Err(Error::os(err, format!("setns({path})")));
+            }
+            f()
+        })
+        .map_err(|e| Error::os(e, "spawn namespace thread"))?;
+    handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
+}
+
+/// Read raw values (None for knobs the kernel lacks), in `netns` when given.
+pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Option<String>>> {
+    let work = move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>();
+    match netns {
+        None => work(),
+        Some(path) => in_netns(&path, work),
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (names, netns=None))]
+pub fn read_sysctls(py: Python<'_>, names: Vec<String>, netns: Option<String>) -> PyResult<Vec<Option<String>>> {
+    // Validate up front so bad names fail before any namespace switch.
+    for n in &names {
+        relative_path(n)?;
+    }
+    Ok(py.detach(|| read_many(names, netns))?)
+}
+
+/// Write one knob in the caller's namespace; returns the previous raw value.
+#[pyfunction]
+pub fn write_sysctl(py: Python<'_>, name: String, value: String) -> PyResult<Option<String>> {
+    relative_path(&name)?;
+    Ok(py.detach(move || write_one(&name, &value))?)
+}
+
+/// The /proc/sys-relative path of a name (validation only).
+#[pyfunction]
+pub fn sysctl_path(name: &str) -> PyResult<String> {
+    Ok(format!("{ROOT}/{}", relative_path(name)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_dotted_and_slashed_names() {
+        assert_eq!(relative_path("net.ipv4.tcp_tw_reuse").expect("ok"), "net/ipv4/tcp_tw_reuse");
+        assert_eq!(relative_path("net/ipv4/tcp_tw_reuse").expect("ok"), "net/ipv4/tcp_tw_reuse");
+        assert_eq!(relative_path("net/ipv4/conf/eth0.100/rp_filter").expect("ok"), "net/ipv4/conf/eth0.100/rp_filter");
+    }
+
+    #[test]
+    fn rejects_hostile_names() {
+        for bad in [
+            "",
+            "../../etc/passwd",
+            "/etc/passwd",
+            "net..ipv4",
+            "net.ipv4.tcp_tw_reuse\0",
+            "net/ipv4/../../../etc",
+            "net/./ipv4",
+            ".hidden",
+            "net//ipv4",
+            "net.ipv4.tcp tw",
+            "net/ipv4/*",
+        ] {
+            assert!(matches!(relative_path(bad), Err(Error::Invalid(_))), "{bad:?}");
+        }
+        assert!(relative_path(&"a".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn reads_present_and_absent_knobs() {
+        assert!(read_one("kernel.ostype").expect("readable").is_some());
+        assert_eq!(read_one("net.ipv4.tcp_tw_recycle").expect("absent is not an error"), None);
+        assert!(matches!(resolve("net.ipv4"), Err(Error::Invalid(_))), "directories are not knobs");
+    }
+
+    proptest! {
+        #[test]
+        fn validated_paths_stay_inside(name in "[a-z0-9_./:-]{0,40}") {
+            if let Ok(rel) = relative_path(&name) {
+                prop_assert!(!rel.starts_with('/'));
+                prop_assert!(rel.split('/').all(|s| !s.is_empty() && s != "." && s != ".."));
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(name in any::<String>()) {
+            let _ = relative_path(&name);
+        }
+    }
+}
