@@ -569,17 +569,20 @@ fn to_py_record(r: &Record) -> PyRecord {
 
 /// All sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`.
 #[pyfunction]
-#[pyo3(signature = (proto, states, port=-1, source="auto"))]
-pub fn dump_sockets(py: Python<'_>, proto: &str, states: u32, port: i32, source: &str) -> PyResult<Vec<PyRecord>> {
+#[pyo3(signature = (proto, states, port=None, source="auto"))]
+pub fn dump_sockets(
+    py: Python<'_>,
+    proto: &str,
+    states: u32,
+    port: Option<u16>,
+    source: &str,
+) -> PyResult<Vec<PyRecord>> {
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
-    if !(-1..=65535).contains(&port) {
-        return Err(Error::Invalid(format!("port must be -1 or in 0..65535, got {port}")).into());
-    }
     let out = py.detach(|| {
         let mut out = Vec::new();
         for_each(proto, states, source, |r| {
-            if port < 0 || i32::from(r.sport) == port {
+            if port.is_none_or(|p| p == r.sport) {
                 out.push(to_py_record(r));
             }
         })

@@ -151,7 +151,10 @@ def test_filters(netns: NetNS) -> None:
 
 
 def test_who_holds_finds_child_process(netns: NetNS) -> None:
-    code = "import socket,sys,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint(s.getsockname()[1],flush=True)\ntime.sleep(30)"
+    code = (
+        "import socket,sys,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\n"
+        "print(s.getsockname()[1],flush=True)\ntime.sleep(30)"
+    )
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as child:
         try:
             assert child.stdout is not None
@@ -267,7 +270,7 @@ BAD = [
     (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
     (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
     (lambda: _twfix.dump_sockets("icmp", 1), ValueError, "protocol"),
-    (lambda: _twfix.dump_sockets("tcp", 1, 70000), ValueError, "port"),
+    (lambda: _twfix.dump_sockets("tcp", 1, 70000), OverflowError, "int"),
 ]
 
 

@@ -6,6 +6,7 @@ return ordinary :class:`socket.socket` objects, and with ``twfix doctor`` on the
 
 from __future__ import annotations
 
+from twfix import sysctl, tune
 from twfix._twfix import __version__
 from twfix.conflict import Explanation, explain
 from twfix.diag import (
@@ -21,7 +22,6 @@ from twfix.diag import (
     summary,
     who_holds,
 )
-from twfix import sysctl, tune
 from twfix.doctor import Finding, Report, Severity, doctor
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp

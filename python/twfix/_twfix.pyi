@@ -45,7 +45,7 @@ def make_reusable(fd: int, flags: int) -> None: ...
 
 # Socket table (Linux only). Records: (family, state, laddr, lport, raddr, rport, uid, inode, expires_ms or -1).
 def dump_sockets(
-    proto: str, states: int, port: int = -1, source: str = "auto"
+    proto: str, states: int, port: int | None = None, source: str = "auto"
 ) -> list[tuple[int, int, str, int, str, int, int, int, int]]: ...
 def summarize(
     proto: str, states: int, top: int, source: str = "auto"

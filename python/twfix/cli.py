@@ -22,7 +22,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature
+    def error(self, message: str) -> Any:
         raise _UsageError(f"{self.prog}: error: {message}")
 
 
@@ -79,7 +79,7 @@ def _colour(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
-def _dump(data: Any, out: TextIO) -> None:  # noqa: ANN401 - any JSON value
+def _dump(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -185,7 +185,7 @@ def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
 
 
 def _table(kind: str, port: int) -> list[tuple[int, int, str, int, str, int, int, int, int]]:
-    return _twfix.dump_sockets(kind, 0xFFFFFFFF, port, "auto")
+    return _twfix.dump_sockets(kind, 0xFFFFFFFF, port)
 
 
 def _owners(holders: list[Holder], kind: str, port: int) -> tuple[list[Holder], str | None]:
@@ -196,7 +196,7 @@ def _owners(holders: list[Holder], kind: str, port: int) -> tuple[list[Holder], 
         found = who_holds(port, kind=kind)
     except OSError:
         return holders, "process owners could not be read"
-    by_key = {(h.laddr, h.raddr): h for h in found.holders}
+    by_key: dict[tuple[tuple[str, int], tuple[str, int] | None], Any] = {(h.laddr, h.raddr): h for h in found.holders}
     out = []
     for h in holders:
         owner = by_key.get((h.laddr, h.raddr))

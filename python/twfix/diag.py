@@ -174,7 +174,7 @@ def sockets(
     """
     proto, family = _kind(kind)
     mask = _state_mask(states)
-    want = -1 if port is None else _port(port)
+    want = None if port is None else _port(port)
     _require_linux()
     rows = _twfix.dump_sockets(proto, mask, want, source)
     return [_entry(r) for r in rows if family is None or r[0] == family]

@@ -476,7 +476,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def set(name: str, value: object) -> Value | None:  # noqa: A001 - mirrors sysctl's own verb
+def set(name: str, value: object) -> Value | None:
     """Set a catalogue knob in the caller's network namespace (root only); returns the previous value."""
     text = validate(name, value)
     key = _normalise(name)

@@ -7,6 +7,7 @@ Nothing is written or changed unless :func:`write` or :func:`apply` is called.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class Written:
     backup: Path | None
 
 
-def _render(value: Any) -> str:  # noqa: ANN401 - typed sysctl values
+def _render(value: Any) -> str:
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
     if isinstance(value, list):
@@ -73,7 +74,7 @@ def plan(*, root: str | os.PathLike[str] = "/") -> Plan:
     codes = {f.code for f in report.findings}
     changes: list[Change] = []
 
-    def current(name: str) -> Any:  # noqa: ANN401
+    def current(name: str) -> Any:
         try:
             return sysctl.get(name)
         except (LookupError, OSError):
@@ -166,10 +167,8 @@ def write(p: Plan, path: str | os.PathLike[str]) -> Written:
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(target.parent or Path("."), os.O_RDONLY)
     try:
