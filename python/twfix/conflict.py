@@ -184,25 +184,30 @@ def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
     return False  # twfix binds IPv6 with IPV6_V6ONLY, which never conflicts with IPv4 sockets
 
 
-def _table(kind: str, port: int) -> list[tuple[int, int, str, int, str, int, int, int, int]]:
+Row = tuple[int, int, str, int, str, int, int, int, int]
+
+
+def _table(kind: str, port: int) -> list[Row]:
     return _twfix.dump_sockets(kind, 0xFFFFFFFF, port)
 
 
-def _owners(holders: list[Holder], kind: str, port: int) -> tuple[list[Holder], str | None]:
-    """Fill in pid/name/cmdline of live holders from who_holds()."""
-    from twfix.diag import who_holds
+def _owners(rows: list[Row], kind: str, port: int) -> tuple[list[Holder], str | None]:
+    """Live (non-TIME-WAIT) rows as holders with their owning processes."""
+    from twfix.diag import holders_of
 
-    try:
-        found = who_holds(port, kind=kind)
-    except OSError:
-        return holders, "process owners could not be read"
-    by_key: dict[tuple[tuple[str, int], tuple[str, int] | None], Any] = {(h.laddr, h.raddr): h for h in found.holders}
-    out = []
-    for h in holders:
-        owner = by_key.get((h.laddr, h.raddr))
-        if owner is not None and owner.pid is not None:
-            h = Holder(h.state, h.laddr, h.raddr, h.uid, owner.pid, owner.name, owner.cmdline)
-        out.append(h)
+    found = holders_of(rows, port, kind)
+    out = [
+        Holder(
+            _STATE_NAMES.get(h.state.number, str(h.state)) if kind == "tcp" or h.state.number != 7 else "UNCONN",
+            (h.laddr.ip, h.laddr.port),
+            (h.raddr.ip, h.raddr.port) if h.raddr else None,
+            h.uid,
+            h.pid,
+            h.name,
+            h.cmdline,
+        )
+        for h in found.holders
+    ]
     return out, found.note
 
 
@@ -247,14 +252,11 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
 
     rows = [r for r in _table(kind, port) if _overlaps(family, ip, r[0], r[2])]
     tw_rows = [r for r in rows if r[1] == _TIME_WAIT]
-    live = [
-        Holder(_STATE_NAMES.get(r[1], str(r[1])), (r[2], r[3]), (r[4], r[5]) if r[5] else None, r[6])
-        for r in rows
-        if r[1] != _TIME_WAIT
-    ]
+    live_rows = [r for r in rows if r[1] != _TIME_WAIT]
+    live: list[Holder] = []
     incomplete = None
-    if live:
-        live, incomplete = _owners(live, kind, port)
+    if live_rows:
+        live, incomplete = _owners(live_rows, kind, port)
     frees_in = max((r[8] for r in tw_rows if r[8] >= 0), default=-1)
     frees = round(frees_in / 1000, 1) if tw_rows and frees_in >= 0 else None
     tw_reuse: bool | None = None

@@ -321,7 +321,12 @@ def who_holds(port: int, kind: str = "tcp") -> Holders:
     proto, family = _kind(kind)
     port = _port(port)
     _require_linux()
-    rows = [r for r in _twfix.dump_sockets(proto, _ALL_STATES, port, "auto") if family is None or r[0] == family]
+    rows = [r for r in _twfix.dump_sockets(proto, _ALL_STATES, port) if family is None or r[0] == family]
+    return holders_of(rows, port, kind)
+
+
+def holders_of(rows: list[tuple[int, int, str, int, str, int, int, int, int]], port: int, kind: str) -> Holders:
+    """Attach owning processes to dumped rows (shared by who_holds and the conflict explanation)."""
     entries = [_entry(r) for r in rows]
     pairs, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
     pid_of = dict(pairs)
