@@ -1,0 +1,176 @@
+"""Socket-table speed and memory against the kernel's own cost and the usual tools, in one run.
+
+Run as root (it makes a private network namespace for itself; loopback traffic only):
+
+    pip install psutil            # optional peer; skipped with a note when missing
+    python benches/bench_diag.py [--count 200000] [--repeat 5]
+
+Goals (issue: socket-table engine), printed as ratios measured in the same run:
+  summary()                    <= 1.3x a bare netlink dump that only receives and discards
+  summary()                    >= 20x faster than psutil.net_connections(kind="tcp"), >= 5x than `ss -tan`
+  sockets(states=[TIME_WAIT])  >= 5x faster than psutil (filtered to TIME_WAIT)
+  who_holds(port)              >= 5x faster than `lsof -i :PORT` with 200 extra processes
+  summary() peak memory        < 10 MB above the interpreter's baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import twfix
+from twfix import _twfix
+
+CLONE_NEWNET = 0x40000000
+
+
+def private_namespace() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        sys.exit(f"unshare(CLONE_NEWNET) failed ({os.strerror(ctypes.get_errno())}): run as root")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), 0x8913, req))[1]
+        fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
+
+
+def write_sysctl(name: str, value: str) -> None:
+    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+        f.write(value + "\n")
+
+
+def populate(count: int, servers: int = 32) -> list[socket.socket]:
+    """About `count` server-side TIME-WAIT sockets spread over `servers` listening ports (bounded loop)."""
+    listeners = [twfix.reusable_tcp_server(0, "127.0.0.1", backlog=1024) for _ in range(servers)]
+    deadline = time.monotonic() + 120
+    made = 0
+    while made < count and time.monotonic() < deadline:
+        for srv in listeners:
+            addr = srv.getsockname()
+            batch = min(256, count - made)
+            if batch <= 0:
+                break
+            clients = [socket.create_connection(addr) for _ in range(batch)]
+            accepted = [srv.accept()[0] for _ in clients]
+            for a in accepted:
+                a.close()
+            for c in clients:
+                c.close()
+            made += batch
+    return listeners
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_cmd(argv: list[str]) -> Callable[[], object]:
+    return lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def peak_memory_of_summary() -> float:
+    """MB by which summary() raises the peak RSS of a fresh interpreter that already imported twfix."""
+    code = (
+        "import resource, twfix\n"
+        "twfix.sockets(port=1)\n"  # warm the import and the native module
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "s = twfix.summary()\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((peak - base) / 1024, s.total)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=200)
+    args = parser.parse_args()
+
+    private_namespace()
+    write_sysctl("net.ipv4.tcp_max_tw_buckets", str(max(args.count * 2, 262144)))
+    t0 = time.perf_counter()
+    listeners = populate(args.count)
+    built = time.perf_counter() - t0
+    summary = twfix.summary()
+    tw = summary.by_state.get(twfix.TcpState.TIME_WAIT, 0)
+    print(
+        f"table: {summary.total} TCP sockets, {tw} TIME-WAIT (built in {built:.1f} s); machine: {os.cpu_count()} cpus"
+    )
+
+    results: dict[str, float] = {}
+    results["kernel dump (netlink, discard)"] = best(lambda: _twfix.netlink_discard("tcp", 0xFFFFFFFF), args.repeat)
+    results["twfix.summary()"] = best(twfix.summary, args.repeat)
+    results["twfix.sockets(TIME_WAIT)"] = best(lambda: twfix.sockets(states=["TIME_WAIT"]), args.repeat)
+    results["ss -tan"] = best(run_cmd(["ss", "-tan"]), args.repeat)
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+        print("psutil is not installed: its comparisons are skipped (pip install psutil)")
+    if psutil is not None:
+        results["psutil.net_connections(tcp)"] = best(
+            lambda: psutil.net_connections(kind="tcp"), max(2, args.repeat // 2)
+        )
+        results["psutil, TIME_WAIT only"] = best(
+            lambda: [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_TIME_WAIT],
+            max(2, args.repeat // 2),
+        )
+
+    port = listeners[0].getsockname()[1]
+    sleepers = [subprocess.Popen(["sleep", "120"]) for _ in range(args.processes)]
+    try:
+        results["twfix.who_holds(port)"] = best(lambda: twfix.who_holds(port), args.repeat)
+        results["lsof -i :PORT"] = best(run_cmd(["lsof", "-n", "-P", f"-i:{port}"]), max(2, args.repeat // 2))
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    mem = peak_memory_of_summary()
+
+    print(f"\n{'measurement':<32} {'best s':>10} {'per socket us':>14}")
+    for name, secs in results.items():
+        print(f"{name:<32} {secs:>10.4f} {secs / max(summary.total, 1) * 1e6:>14.3f}")
+
+    def ratio(a: str, b: str) -> float | None:
+        return results[a] / results[b] if a in results and b in results else None
+
+    goals = [
+        ("summary / kernel dump", ratio("twfix.summary()", "kernel dump (netlink, discard)"), "<=", 1.3),
+        ("psutil / summary", ratio("psutil.net_connections(tcp)", "twfix.summary()"), ">=", 20),
+        ("ss -tan / summary", ratio("ss -tan", "twfix.summary()"), ">=", 5),
+        ("psutil TW / sockets(TW)", ratio("psutil, TIME_WAIT only", "twfix.sockets(TIME_WAIT)"), ">=", 5),
+        ("lsof / who_holds", ratio("lsof -i :PORT", "twfix.who_holds(port)"), ">=", 5),
+    ]
+    print(f"\n{'ratio':<28} {'value':>8}  goal")
+    for name, value, op, goal in goals:
+        if value is None:
+            print(f"{name:<28} {'n/a':>8}  {op} {goal}")
+            continue
+        ok = value <= goal if op == "<=" else value >= goal
+        print(f"{name:<28} {value:>8.2f}  {op} {goal}  {'ok' if ok else 'MISSED'}")
+    print(f"{'summary() peak memory MB':<28} {mem:>8.2f}  < 10  {'ok' if mem < 10 else 'MISSED'}")
+    print(json.dumps({"sockets": summary.total, "time_wait": tw, "seconds": results, "peak_mb": mem}))
+    for s in listeners:
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
