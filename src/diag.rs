@@ -5,9 +5,11 @@
 //! they never index out of bounds.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::errors::{Error, Result};
 
@@ -125,6 +127,59 @@ fn addr16(b: &[u8], at: usize) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// A kernel-side filter, compiled to inet_diag bytecode (so filtered-out sockets cost no copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    All,
+    /// Local port equals this.
+    LocalPort(u16),
+}
+
+const BC_S_GE: u8 = 2;
+const BC_S_LE: u8 = 3;
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+
+fn bc_op(out: &mut Vec<u8>, code: u8, yes: u8, no: u16) {
+    out.push(code);
+    out.push(yes);
+    out.extend_from_slice(&no.to_ne_bytes());
+}
+
+/// A port comparison (8 bytes) whose failure jumps `no` bytes ahead.
+fn bc_cmp(out: &mut Vec<u8>, code: u8, port: u16, no: u16) {
+    bc_op(out, code, 8, no);
+    bc_op(out, 0, 0, port);
+}
+
+/// Bytecode for a filter; empty for `All`. Every `yes` falls through to the next op, as the kernel's
+/// audit requires; `no` jumps to a later op, or 4 bytes past the end to reject.
+pub fn bytecode(filter: Filter) -> Vec<u8> {
+    let mut bc = Vec::new();
+    match filter {
+        Filter::All => {}
+        Filter::LocalPort(p) => {
+            bc_cmp(&mut bc, BC_S_GE, p, 16 + 4);
+            bc_cmp(&mut bc, BC_S_LE, p, 8 + 4);
+        }
+    }
+    bc
+}
+
+/// Build the SOCK_DIAG_BY_FAMILY dump request (nlmsghdr + inet_diag_req_v2 + optional bytecode).
+pub fn build_filtered_request(family: u8, proto: Proto, states: u32, seq: u32, filter: Filter) -> Vec<u8> {
+    let bc = bytecode(filter);
+    let mut m = build_request(family, proto, states, seq);
+    if !bc.is_empty() {
+        let nla_len = (4 + bc.len()) as u16;
+        m.extend_from_slice(&nla_len.to_ne_bytes());
+        m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        m.extend_from_slice(&bc);
+        let total = m.len() as u32;
+        m[0..4].copy_from_slice(&total.to_ne_bytes());
+    }
+    m
+}
+
 /// Build the SOCK_DIAG_BY_FAMILY dump request (nlmsghdr + inet_diag_req_v2).
 pub fn build_request(family: u8, proto: Proto, states: u32, seq: u32) -> Vec<u8> {
     let len = (NLMSG_HDRLEN + 56) as u32;
@@ -239,10 +294,16 @@ fn open_netlink() -> Result<NetlinkSocket> {
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Dump one family over netlink, handing each raw diag payload to `each`.
-fn netlink_dump_raw(family: u8, proto: Proto, states: u32, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+fn netlink_dump_raw(
+    family: u8,
+    proto: Proto,
+    states: u32,
+    filter: Filter,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     let sock = open_netlink()?;
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let req = build_request(family, proto, states, seq);
+    let req = build_filtered_request(family, proto, states, seq, filter);
     // SAFETY: sockaddr_nl is plain data; zeroed means "the kernel".
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -281,8 +342,8 @@ fn netlink_dump_raw(family: u8, proto: Proto, states: u32, mut each: impl FnMut(
     }
 }
 
-fn netlink_dump(family: u8, proto: Proto, states: u32, each: &mut impl FnMut(&Record)) -> Result<()> {
-    netlink_dump_raw(family, proto, states, |payload| {
+fn netlink_dump(family: u8, proto: Proto, states: u32, filter: Filter, each: &mut impl FnMut(&Record)) -> Result<()> {
+    netlink_dump_raw(family, proto, states, filter, |payload| {
         let rec = decode_diag_msg(payload)?;
         // The kernel filters by state for TCP; UDP dumps ignore the mask on some kernels.
         if rec.state < 32 && states & (1 << rec.state) != 0 {
@@ -296,7 +357,7 @@ fn netlink_dump(family: u8, proto: Proto, states: u32, each: &mut impl FnMut(&Re
 pub fn netlink_discard(proto: Proto, states: u32) -> Result<u64> {
     let mut count = 0u64;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        netlink_dump_raw(family, proto, states, |_| {
+        netlink_dump_raw(family, proto, states, Filter::All, |_| {
             count += 1;
             Ok(())
         })?;
@@ -354,7 +415,14 @@ pub fn parse_proc_line(line: &str, family: u8) -> Result<Record> {
     Ok(Record { family, state, timer, src, sport, dst, dport, expires_ms, uid, inode })
 }
 
-fn proc_dump(family: u8, proto: Proto, states: u32, each: &mut impl FnMut(&Record)) -> Result<()> {
+fn matches(filter: Filter, r: &Record) -> bool {
+    match filter {
+        Filter::All => true,
+        Filter::LocalPort(p) => r.sport == p,
+    }
+}
+
+fn proc_dump(family: u8, proto: Proto, states: u32, filter: Filter, each: &mut impl FnMut(&Record)) -> Result<()> {
     let path = proto.proc_name(family);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -367,7 +435,7 @@ fn proc_dump(family: u8, proto: Proto, states: u32, each: &mut impl FnMut(&Recor
             continue;
         }
         let rec = parse_proc_line(line, family)?;
-        if rec.state < 32 && states & (1 << rec.state) != 0 {
+        if rec.state < 32 && states & (1 << rec.state) != 0 && matches(filter, &rec) {
             each(&rec);
         }
     }
@@ -381,56 +449,129 @@ fn netlink_refused(e: &Error) -> bool {
 }
 
 /// Stream every socket of `proto` in the given states (both families) through `each`.
-pub fn for_each(proto: Proto, states: u32, source: Source, mut each: impl FnMut(&Record)) -> Result<()> {
-    let families = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+pub fn for_each(proto: Proto, states: u32, source: Source, each: impl FnMut(&Record)) -> Result<()> {
+    for_each_filtered(proto, states, source, Filter::All, each)
+}
+
+/// Like `for_each`, keeping only the sockets `filter` accepts (in the kernel when using netlink).
+pub fn for_each_filtered(
+    proto: Proto,
+    states: u32,
+    source: Source,
+    filter: Filter,
+    mut each: impl FnMut(&Record),
+) -> Result<()> {
+    for family in FAMILIES {
+        dump_family(family, proto, states, source, filter, &mut each)?;
+    }
+    Ok(())
+}
+
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+
+/// One family from the chosen source; `Auto` falls back to /proc when netlink is refused.
+fn dump_family(
+    family: u8,
+    proto: Proto,
+    states: u32,
+    source: Source,
+    filter: Filter,
+    each: &mut impl FnMut(&Record),
+) -> Result<()> {
     match source {
-        Source::Proc => {
-            for f in families {
-                proc_dump(f, proto, states, &mut each)?;
-            }
-            Ok(())
-        }
-        Source::Netlink => {
-            for f in families {
-                netlink_dump(f, proto, states, &mut each)?;
-            }
-            Ok(())
-        }
+        Source::Proc => proc_dump(family, proto, states, filter, each),
+        Source::Netlink => netlink_dump(family, proto, states, filter, each),
         Source::Auto => {
-            // Decide on the first family so that records are never reported twice.
-            let mut first = true;
-            for f in families {
-                match netlink_dump(f, proto, states, &mut each) {
-                    Ok(()) => {}
-                    Err(e) if first && netlink_refused(&e) => {
-                        for f in families {
-                            proc_dump(f, proto, states, &mut each)?;
-                        }
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                }
-                first = false;
+            // Nothing reaches `each` before the kernel accepted the request, so a refusal can
+            // fall back without reporting anything twice.
+            match netlink_dump(family, proto, states, filter, each) {
+                Err(e) if netlink_refused(&e) => proc_dump(family, proto, states, filter, each),
+                other => other,
             }
-            Ok(())
         }
     }
 }
 
+/// Run `work` for IPv4 and IPv6 at once, each on its own thread. Every sock_diag dump walks the whole
+/// established hash (both families share it) and the walk, not the copy, dominates its cost, so two
+/// concurrent walks halve the wall time on a machine with two cores.
+pub fn per_family<T: Send>(work: impl Fn(u8) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let (v4, v6) = std::thread::scope(|scope| {
+        let v6 = scope.spawn(|| work(FAMILIES[1]));
+        let v4 = work(FAMILIES[0]);
+        (v4, v6.join().unwrap_or_else(|_| Err(Error::Malformed("dump thread panicked".into()))))
+    });
+    Ok(vec![v4?, v6?])
+}
+
 // ------------------------------------------------------------------------------------------ aggregation
+
+/// A small multiplicative hasher for the aggregation maps: their keys are a few integers and bytes
+/// chosen by the kernel, not by an attacker who could aim for collisions, and SipHash would cost more
+/// than the rest of the per-socket work.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_ne_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 /// Counts gathered while the dump streams; memory grows with distinct keys only.
 #[derive(Default, Debug)]
 pub struct Summary {
     pub total: u64,
     pub by_state: [u64; 32],
-    pub local_ports: HashMap<(u8, u16), u64>,
-    pub remotes: HashMap<(u8, u8, [u8; 16], u16), u64>,
+    pub local_ports: FastMap<(u8, u16), u64>,
+    pub remotes: FastMap<(u8, u8, [u8; 16], u16), u64>,
     /// TIME-WAIT remaining time in 10 s buckets: 0-10, ..., 50-60, >= 60 s.
     pub tw_hist: [u64; 7],
 }
 
 impl Summary {
+    pub fn merge(&mut self, other: Summary) {
+        self.total += other.total;
+        for (a, b) in self.by_state.iter_mut().zip(other.by_state) {
+            *a += b;
+        }
+        for (k, v) in other.local_ports {
+            *self.local_ports.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in other.remotes {
+            *self.remotes.entry(k).or_insert(0) += v;
+        }
+        for (a, b) in self.tw_hist.iter_mut().zip(other.tw_hist) {
+            *a += b;
+        }
+    }
+
     pub fn add(&mut self, r: &Record) {
         self.total += 1;
         if let Some(slot) = self.by_state.get_mut(usize::from(r.state)) {
@@ -447,7 +588,7 @@ impl Summary {
     }
 }
 
-fn top_n<K: Copy + Ord>(map: &HashMap<K, u64>, state_of: impl Fn(&K) -> u8, n: usize) -> Vec<(K, u64)> {
+fn top_n<K: Copy + Ord>(map: &FastMap<K, u64>, state_of: impl Fn(&K) -> u8, n: usize) -> Vec<(K, u64)> {
     let mut per_state: HashMap<u8, Vec<(K, u64)>> = HashMap::new();
     for (k, v) in map {
         per_state.entry(state_of(k)).or_default().push((*k, *v));
@@ -474,8 +615,8 @@ pub fn ephemeral_counts(
     hi: u16,
     reserved: &[(u16, u16)],
     source: Source,
-) -> Result<HashMap<UsageKey, (u64, u64)>> {
-    let mut map: HashMap<UsageKey, (u64, u64)> = HashMap::new();
+) -> Result<FastMap<UsageKey, (u64, u64)>> {
+    let mut map: FastMap<UsageKey, (u64, u64)> = FastMap::default();
     // Connections accepted by a listener share its port and consume no ephemeral port.
     let mut listening: HashSet<u16> = HashSet::new();
     for_each(proto, 1 << LISTEN, source, |r| {
@@ -579,16 +720,101 @@ pub fn dump_sockets(
 ) -> PyResult<Vec<PyRecord>> {
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
-    let out = py.detach(|| {
-        let mut out = Vec::new();
-        for_each(proto, states, source, |r| {
-            if port.is_none_or(|p| p == r.sport) {
-                out.push(to_py_record(r));
-            }
-        })
-        .map(|()| out)
+    let out = py.detach(|| -> Result<Vec<PyRecord>> {
+        let filter = port.map_or(Filter::All, Filter::LocalPort);
+        let parts = per_family(|family| {
+            let mut part = Vec::new();
+            dump_family(family, proto, states, source, filter, &mut |r| part.push(to_py_record(r))).map(|()| part)
+        })?;
+        Ok(parts.into_iter().flatten().collect())
     })?;
     Ok(out)
+}
+
+/// Like `dump_sockets`, but builds the final Python objects directly (the hot path of
+/// `twfix.sockets()`): `entry_cls(family, state, addr_cls(ip, port), addr_cls(ip, port) | None, uid,
+/// inode, expires_s | None)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings
+/// and address objects repeat a lot in real tables and are shared instead of rebuilt.
+#[pyfunction]
+#[pyo3(signature = (proto, states, port, source, entry_cls, addr_cls, families, state_objs))]
+#[allow(clippy::too_many_arguments)]
+pub fn dump_entries<'py>(
+    py: Python<'py>,
+    proto: &str,
+    states: u32,
+    port: Option<u16>,
+    source: &str,
+    entry_cls: &Bound<'py, PyAny>,
+    addr_cls: &Bound<'py, PyAny>,
+    families: Vec<Bound<'py, PyAny>>,
+    state_objs: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyList>> {
+    use pyo3::types::{PyFloat, PyString, PyTuple};
+    let proto = Proto::parse(proto)?;
+    let source = Source::parse(source)?;
+    if families.len() != 2 || state_objs.len() != 14 {
+        return Err(
+            Error::Invalid("families must hold 2 objects (AF_INET, AF_INET6), state_objs 14 (0..13)".into()).into()
+        );
+    }
+    let filter = port.map_or(Filter::All, Filter::LocalPort);
+    let parts = py.detach(|| {
+        per_family(|family| {
+            let mut part = Vec::new();
+            dump_family(family, proto, states, source, filter, &mut |r| part.push(*r)).map(|()| part)
+        })
+    })?;
+    let tuple_new = py.get_type::<PyTuple>().getattr("__new__")?;
+    let none = py.None().into_bound(py);
+    let mut strings: FastMap<(u8, [u8; 16]), Bound<'py, PyString>> = FastMap::default();
+    let mut addrs: FastMap<(u8, [u8; 16], u16), Bound<'py, PyAny>> = FastMap::default();
+    const CACHE_LIMIT: usize = 1 << 16;
+    let mut addr_obj = |family: u8, ip: [u8; 16], port: u16| -> PyResult<Bound<'py, PyAny>> {
+        if let Some(a) = addrs.get(&(family, ip, port)) {
+            return Ok(a.clone());
+        }
+        let text = match strings.get(&(family, ip)) {
+            Some(t) => t.clone(),
+            None => {
+                let t = PyString::new(py, &format_addr(family, &ip));
+                if strings.len() < CACHE_LIMIT {
+                    strings.insert((family, ip), t.clone());
+                }
+                t
+            }
+        };
+        let pair = PyTuple::new(py, [text.into_any(), port.into_pyobject(py)?.into_any()])?;
+        let obj = tuple_new.call1((addr_cls, pair))?;
+        if addrs.len() < CACHE_LIMIT {
+            addrs.insert((family, ip, port), obj.clone());
+        }
+        Ok(obj)
+    };
+    let list = PyList::empty(py);
+    for r in parts.iter().flatten() {
+        let family = if i32::from(r.family) == libc::AF_INET { &families[0] } else { &families[1] };
+        let state = state_objs.get(usize::from(r.state)).unwrap_or(&state_objs[7]);
+        let laddr = addr_obj(r.family, r.src, r.sport)?;
+        let raddr = if r.dport != 0 { addr_obj(r.family, r.dst, r.dport)? } else { none.clone() };
+        let expires = match r.expires() {
+            Some(ms) => PyFloat::new(py, f64::from(ms) / 1000.0).into_any(),
+            None => none.clone(),
+        };
+        let fields = PyTuple::new(
+            py,
+            [
+                family.clone(),
+                state.clone(),
+                laddr,
+                raddr,
+                r.uid.into_pyobject(py)?.into_any(),
+                r.inode.into_pyobject(py)?.into_any(),
+                expires,
+            ],
+        )?;
+        list.append(tuple_new.call1((entry_cls, fields))?)?;
+    }
+    Ok(list)
 }
 
 pub type PySummary = (u64, Vec<(u8, u64)>, Vec<(u8, u16, u64)>, Vec<(u8, u8, String, u16, u64)>, Vec<u64>);
@@ -600,9 +826,16 @@ pub type PySummary = (u64, Vec<(u8, u64)>, Vec<(u8, u16, u64)>, Vec<(u8, u8, Str
 pub fn summarize(py: Python<'_>, proto: &str, states: u32, top: usize, source: &str) -> PyResult<PySummary> {
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
-    let summary = py.detach(|| {
-        let mut s = Summary::default();
-        for_each(proto, states, source, |r| s.add(r)).map(|()| s)
+    let summary = py.detach(|| -> Result<Summary> {
+        let parts = per_family(|family| {
+            let mut s = Summary::default();
+            dump_family(family, proto, states, source, Filter::All, &mut |r| s.add(r)).map(|()| s)
+        })?;
+        let mut total = Summary::default();
+        for part in parts {
+            total.merge(part);
+        }
+        Ok(total)
     })?;
     let counts = summary.by_state.iter().enumerate().filter(|(_, c)| **c > 0).map(|(s, c)| (s as u8, *c)).collect();
     let ports = top_n(&summary.local_ports, |k| k.0, top).into_iter().map(|((s, p), c)| (s, p, c)).collect();
@@ -695,6 +928,61 @@ mod tests {
         assert_eq!(r[17], 6);
         assert_eq!(u32_ne(&r, 20), Some(0x40));
         assert_eq!(&r[64..72], &[0xff; 8]);
+    }
+
+    /// Run bytecode the way the kernel does (inet_diag_bc_run, ports only).
+    fn run_bc(bc: &[u8], sport: u16, _dport: u16) -> bool {
+        let mut len = bc.len() as i64;
+        let mut at = 0usize;
+        while len > 0 {
+            let (code, yes, no) = (bc[at], bc[at + 1] as usize, u16_ne(bc, at + 2).expect("op") as usize);
+            let port = u16_ne(bc, at + 6).unwrap_or(0);
+            let ok = match code {
+                BC_S_GE => sport >= port,
+                BC_S_LE => sport <= port,
+                _ => panic!("unexpected op {code}"),
+            };
+            let step = if ok { yes } else { no };
+            len -= step as i64;
+            at += step;
+        }
+        len == 0
+    }
+
+    /// The kernel's audit: `yes` walks every op in order and `no` lands on an op or just past the end.
+    fn audit(bc: &[u8]) -> bool {
+        let mut boundaries = vec![0usize];
+        let mut at = 0usize;
+        while at < bc.len() {
+            let yes = bc[at + 1] as usize;
+            if yes < 4 || yes % 4 != 0 {
+                return false;
+            }
+            at += yes;
+            boundaries.push(at);
+        }
+        let mut at = 0usize;
+        while at < bc.len() {
+            let no = u16_ne(bc, at + 2).expect("op") as usize;
+            let target = at + no;
+            if no % 4 != 0 || (target != bc.len() + 4 && !boundaries.contains(&target)) {
+                return false;
+            }
+            at += bc[at + 1] as usize;
+        }
+        at == bc.len()
+    }
+
+    #[test]
+    fn bytecode_filters_select_the_right_sockets() {
+        let port = bytecode(Filter::LocalPort(8080));
+        assert!(audit(&port));
+        assert!(run_bc(&port, 8080, 1));
+        assert!(!run_bc(&port, 8079, 8080));
+        assert!(!run_bc(&port, 8081, 8080));
+        assert!(bytecode(Filter::All).is_empty());
+        let req = build_filtered_request(2, Proto::Tcp, 1, 1, Filter::LocalPort(1));
+        assert_eq!(u32_ne(&req, 0), Some(req.len() as u32));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 # Hand-written stub of the native module; checked by `python -m mypy.stubtest twfix._twfix`.
 
+from typing import Any
+
 __all__ = [
     "F_BIND_NO_PORT",
     "F_DUALSTACK",
@@ -10,6 +12,7 @@ __all__ = [
     "F_V6ONLY",
     "__version__",
     "bind_socket",
+    "dump_entries",
     "dump_sockets",
     "ephemeral_usage",
     "make_reusable",
@@ -47,6 +50,16 @@ def make_reusable(fd: int, flags: int) -> None: ...
 def dump_sockets(
     proto: str, states: int, port: int | None = None, source: str = "auto"
 ) -> list[tuple[int, int, str, int, str, int, int, int, int]]: ...
+def dump_entries(
+    proto: str,
+    states: int,
+    port: int | None,
+    source: str,
+    entry_cls: type[Any],
+    addr_cls: type[Any],
+    families: list[Any],
+    state_objs: list[Any],
+) -> list[Any]: ...
 def summarize(
     proto: str, states: int, top: int, source: str = "auto"
 ) -> tuple[

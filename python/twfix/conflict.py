@@ -22,10 +22,13 @@ import os
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from twfix import _twfix
 from twfix.errors import AddressInUseError, UnsupportedPlatformError
+
+if TYPE_CHECKING:
+    from twfix.diag import SocketEntry
 
 __all__ = ["Explanation", "Holder", "explain"]
 
@@ -184,21 +187,14 @@ def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
     return False  # twfix binds IPv6 with IPV6_V6ONLY, which never conflicts with IPv4 sockets
 
 
-Row = tuple[int, int, str, int, str, int, int, int, int]
-
-
-def _table(kind: str, port: int) -> list[Row]:
-    return _twfix.dump_sockets(kind, 0xFFFFFFFF, port)
-
-
-def _owners(rows: list[Row], kind: str, port: int) -> tuple[list[Holder], str | None]:
-    """Live (non-TIME-WAIT) rows as holders with their owning processes."""
+def _owners(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Holder], str | None]:
+    """Live (non-TIME-WAIT) sockets as holders with their owning processes."""
     from twfix.diag import holders_of
 
-    found = holders_of(rows, port, kind)
+    found = holders_of(entries, port, kind)
     out = [
         Holder(
-            _STATE_NAMES.get(h.state.number, str(h.state)) if kind == "tcp" or h.state.number != 7 else "UNCONN",
+            "UNCONN" if kind == "udp" and h.state.number == 7 else _STATE_NAMES.get(h.state.number, str(h.state)),
             (h.laddr.ip, h.laddr.port),
             (h.raddr.ip, h.raddr.port) if h.raddr else None,
             h.uid,
@@ -250,15 +246,17 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
             advice=("bind an address that is configured on an interface, or the wildcard",),
         )
 
-    rows = [r for r in _table(kind, port) if _overlaps(family, ip, r[0], r[2])]
-    tw_rows = [r for r in rows if r[1] == _TIME_WAIT]
-    live_rows = [r for r in rows if r[1] != _TIME_WAIT]
+    from twfix.diag import port_entries
+
+    rows = [e for e in port_entries(kind, port) if _overlaps(family, ip, e.family, e.laddr.ip)]
+    tw_rows = [e for e in rows if e.state.number == _TIME_WAIT]
+    live_rows = [e for e in rows if e.state.number != _TIME_WAIT]
     live: list[Holder] = []
     incomplete = None
     if live_rows:
         live, incomplete = _owners(live_rows, kind, port)
-    frees_in = max((r[8] for r in tw_rows if r[8] >= 0), default=-1)
-    frees = round(frees_in / 1000, 1) if tw_rows and frees_in >= 0 else None
+    frees = max((e.expires for e in tw_rows if e.expires is not None), default=None)
+    frees = round(frees, 1) if frees is not None else None
     tw_reuse: bool | None = None
     if tw_rows and not live and kind == "tcp":
         tw_reuse = reuse == 0

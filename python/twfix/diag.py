@@ -13,7 +13,7 @@ import json
 import socket
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from twfix import _twfix
@@ -145,17 +145,9 @@ def _port(port: object, name: str = "port") -> int:
     return port
 
 
-def _entry(row: tuple[int, int, str, int, str, int, int, int, int]) -> SocketEntry:
-    family, state, lip, lport, rip, rport, uid, inode, expires = row
-    return SocketEntry(
-        socket.AddressFamily(family),
-        _BY_NUMBER.get(state, TcpState.CLOSE),
-        Addr(lip, lport),
-        Addr(rip, rport) if rport else None,
-        uid,
-        inode,
-        expires / 1000 if expires >= 0 else None,
-    )
+# What the native dump_entries() builds SocketEntry tuples from: families, and states by number (0 unused).
+_FAMILY_OBJS: Final = [socket.AF_INET, socket.AF_INET6]
+_STATE_OBJS: Final = [TcpState.CLOSE] + [_BY_NUMBER[n] for n in range(1, 14)]
 
 
 def sockets(
@@ -176,8 +168,16 @@ def sockets(
     mask = _state_mask(states)
     want = None if port is None else _port(port)
     _require_linux()
-    rows = _twfix.dump_sockets(proto, mask, want, source)
-    return [_entry(r) for r in rows if family is None or r[0] == family]
+    return _dump(proto, family, mask, want, source)
+
+
+def _dump(proto: str, family: int | None, mask: int, port: int | None, source: str = "auto") -> list[SocketEntry]:
+    entries: list[SocketEntry] = _twfix.dump_entries(
+        proto, mask, port, source, SocketEntry, Addr, _FAMILY_OBJS, _STATE_OBJS
+    )
+    if family is not None:
+        return [e for e in entries if e.family == family]
+    return entries
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,7 @@ def summary(kind: str = "tcp", *, top: int = 10, source: str = "auto") -> Socket
     return SocketSummary(kind, total, by_state, top_ports, top_remote, dict(zip(_HIST_LABELS, hist, strict=True)))
 
 
-@dataclass(frozen=True)
-class PortHolder:
+class PortHolder(NamedTuple):
     """A socket bound to the port, and the process holding it (None for TIME-WAIT or unseen owners)."""
 
     state: TcpState
@@ -278,10 +277,13 @@ class Holders:
     note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for h in out["holders"]:
-            h["state"] = str(h["state"])
-        return out
+        return {
+            "port": self.port,
+            "kind": self.kind,
+            "holders": [{**h._asdict(), "state": str(h.state)} for h in self.holders],
+            "denied": self.denied,
+            "note": self.note,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -321,13 +323,16 @@ def who_holds(port: int, kind: str = "tcp") -> Holders:
     proto, family = _kind(kind)
     port = _port(port)
     _require_linux()
-    rows = [r for r in _twfix.dump_sockets(proto, _ALL_STATES, port) if family is None or r[0] == family]
-    return holders_of(rows, port, kind)
+    return holders_of(_dump(proto, family, _ALL_STATES, port), port, kind)
 
 
-def holders_of(rows: list[tuple[int, int, str, int, str, int, int, int, int]], port: int, kind: str) -> Holders:
-    """Attach owning processes to dumped rows (shared by who_holds and the conflict explanation)."""
-    entries = [_entry(r) for r in rows]
+def port_entries(kind: str, port: int) -> list[SocketEntry]:
+    """Every socket of ``kind`` ("tcp"/"udp") whose local port is ``port`` (for the conflict explanation)."""
+    return _dump(kind, None, _ALL_STATES, port)
+
+
+def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
+    """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
     pairs, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
     pid_of = dict(pairs)
     holders = []
