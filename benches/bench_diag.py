@@ -4,6 +4,7 @@ Run as root (it makes a private network namespace for itself; loopback traffic o
 
     pip install psutil            # optional peer; skipped with a note when missing
     python benches/bench_diag.py [--count 200000] [--repeat 5]
+    python benches/bench_diag.py --count 1000000 --servers 256    # the 1M-socket variant
 
 Goals (issue: socket-table engine), printed as ratios measured in the same run:
   summary()                    <= 1.3x a bare netlink dump that only receives and discards
@@ -84,14 +85,21 @@ def run_cmd(argv: list[str]) -> Callable[[], object]:
 
 
 def peak_memory_of_summary() -> float:
-    """MB by which summary() raises the peak RSS of a fresh interpreter that already imported twfix."""
+    """MB by which summary() raises the peak RSS of a fresh interpreter that already imported twfix.
+
+    The peak (VmHWM) is reset through /proc/self/clear_refs just before the call, so the figure is the
+    call's own high-water mark above the resident baseline.
+    """
     code = (
-        "import resource, twfix\n"
+        "import twfix\n"
         "twfix.sockets(port=1)\n"  # warm the import and the native module
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = status('VmRSS:')\n"
         "s = twfix.summary()\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print((peak - base) / 1024, s.total)\n"
+        "print((status('VmHWM:') - base) / 1024, s.total)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return float(out[0])
@@ -102,12 +110,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--processes", type=int, default=200)
+    parser.add_argument("--servers", type=int, default=32, help="listening ports to spread the table over")
     args = parser.parse_args()
 
     private_namespace()
     write_sysctl("net.ipv4.tcp_max_tw_buckets", str(max(args.count * 2, 262144)))
     t0 = time.perf_counter()
-    listeners = populate(args.count)
+    listeners = populate(args.count, args.servers)
     built = time.perf_counter() - t0
     summary = twfix.summary()
     tw = summary.by_state.get(twfix.TcpState.TIME_WAIT, 0)
