@@ -116,3 +116,18 @@ def test_subprocess_smoke(netns: NetNS, empty_root: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["schema"] == 1
+
+
+def test_colour_only_on_a_terminal(netns: NetNS, empty_root: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            code = main(["doctor", "--root", str(empty_root)], out=tty, err=io.StringIO())
+        assert code == 0
+        shown = os.read(master, 65536).decode()
+        assert "\x1b[32m" in shown
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,3 +240,120 @@ def test_fact_listener_in_range_loses_to_outgoing_connection(netns: NetNS) -> No
         assert explanation.in_ephemeral_range
         assert "ephemeral range" in str(info.value)
         server.accept()[0].close()
+
+
+def test_fact_parity_split(netns: NetNS) -> None:
+    """connect() takes ports of the range's low parity first, bind(port 0) the other parity."""
+    server = twfix.reusable_tcp_server(5003, "127.0.0.1", backlog=64)
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40199")
+    held: list[socket.socket] = []
+    with server:
+        for _ in range(20):
+            held.append(socket.create_connection(("127.0.0.1", 5003)))
+        for _ in range(20):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        connect_ports = [s.getsockname()[1] for s in held[:20]]
+        bind_ports = [s.getsockname()[1] for s in held[20:]]
+        assert all(p % 2 == 0 for p in connect_ports), connect_ports
+        assert all(p % 2 == 1 for p in bind_ports), bind_ports
+        for s in held:
+            s.close()
+
+
+def test_fact_reserved_ports_only_stop_automatic_choice(netns: NetNS) -> None:
+    server = twfix.reusable_tcp_server(5004, "127.0.0.1")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40003")
+    netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "40000-40003")
+    with server:
+        with pytest.raises(OSError) as info:
+            socket.create_connection(("127.0.0.1", 5004))
+        assert info.value.errno == errno.EADDRNOTAVAIL
+        with socket.socket() as explicit:
+            explicit.bind(("127.0.0.1", 40001))  # explicit binds ignore the reservation
+
+
+def test_fact_syncookies_do_not_touch_time_wait(netns: NetNS) -> None:
+    netns.write_sysctl("net.ipv4.tcp_syncookies", "2")  # cookies for every SYN
+    server = twfix.reusable_tcp_server(0, "127.0.0.1")
+    port = server.getsockname()[1]
+    with server:
+        time_wait_pairs(server, 5, server_closes=True)
+    tws = twfix.sockets("tcp", states=["TIME_WAIT"], port=port)
+    assert len(tws) == 5
+    assert all(e.expires is not None and e.expires > 50 for e in tws)
+
+
+def test_fact_tw_reuse_never_helps_bind(netns: NetNS) -> None:
+    """tcp_tw_reuse is consulted by connect() only: a restart over TIME-WAIT of an old server without
+    SO_REUSEADDR fails with every value of it."""
+    netns.write_sysctl("net.ipv4.tcp_tw_reuse", "1")
+    old = socket.socket()
+    old.bind(("127.0.0.1", 0))
+    old.listen()
+    port = old.getsockname()[1]
+    with old:
+        time_wait_pairs(old, 2, server_closes=True)
+    with pytest.raises(twfix.AddressInUseError):
+        twfix.reusable_tcp_server(port, "127.0.0.1")
+
+
+def test_unreadable_sysctl_file_is_a_finding(netns: NetNS) -> None:
+    import shutil
+    import tempfile
+
+    empty_root = Path(tempfile.mkdtemp(prefix="twfix-root-"))  # pytest's own tmp dirs are private to root
+    try:
+        _run_unreadable_case(empty_root)
+    finally:
+        shutil.rmtree(empty_root)
+
+
+def _run_unreadable_case(empty_root: Path) -> None:
+    (empty_root / "etc" / "sysctl.d").mkdir(parents=True)
+    secret = empty_root / "etc" / "sysctl.d" / "50-secret.conf"
+    secret.write_text("net.ipv4.tcp_tw_recycle = 1\n")
+    secret.chmod(0o600)
+    for p in (empty_root, empty_root / "etc", empty_root / "etc" / "sysctl.d"):
+        p.chmod(0o755)
+    script = (
+        "import json, sys, twfix\nr = twfix.doctor(root=sys.argv[1])\nprint(json.dumps([f.code for f in r.findings]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+            str(empty_root),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    codes = json.loads(proc.stdout)
+    assert "CONF-UNREADABLE" in codes
+    assert "CONF-TW-RECYCLE" not in codes
+
+
+def test_other_platforms_get_an_unavailable_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    report = twfix.doctor()
+    assert [f.code for f in report.findings] == ["PLATFORM"]
+    assert "unavailable" in report.findings[0].title
+    with pytest.raises(twfix.UnsupportedPlatformError):
+        twfix.sockets()
+    with pytest.raises(twfix.UnsupportedPlatformError):
+        twfix.sysctl.get("net.ipv4.tcp_tw_reuse")
+    with pytest.raises(twfix.UnsupportedPlatformError):
+        twfix.explain(80)

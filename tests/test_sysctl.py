@@ -159,17 +159,17 @@ def test_validate_and_set(netns: NetNS) -> None:
     ]:
         with pytest.raises(ValueError, match=word):
             sysctl.validate(name, value)
-    assert sysctl.set("net.ipv4.tcp_tw_reuse", 1) == 2
+    assert sysctl._write("net.ipv4.tcp_tw_reuse", 1) == 2
     assert witness("net.ipv4.tcp_tw_reuse") == "1"
     with pytest.raises(ValueError, match="not one of the knobs"):
-        sysctl.set("kernel.hostname", "evil")
+        sysctl._write("kernel.hostname", "evil")
 
 
 def test_set_needs_root(netns: NetNS) -> None:
     script = (
         "from twfix import sysctl\n"
         "try:\n"
-        "    sysctl.set('net.ipv4.tcp_tw_reuse', 1)\n"
+        "    sysctl._write('net.ipv4.tcp_tw_reuse', 1)\n"
         "except PermissionError as e:\n"
         "    print('refused:', e)\n"
     )

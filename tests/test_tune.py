@@ -77,3 +77,40 @@ def test_apply_needs_root(netns: NetNS) -> None:
     assert "refused: " in proc.stdout, proc.stderr
     assert "root" in proc.stdout
     assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
+
+
+def test_snippet_is_accepted_by_the_kernel(netns: NetNS, empty_root: Path, tmp_path: Path) -> None:
+    """The independent witness: `sysctl -p` loads the written snippet in this namespace without error."""
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40998")
+    with twfix_server(40500):
+        plan = tune.plan(root=empty_root)
+    assert {c.name for c in plan.changes} >= {
+        "net.ipv4.tcp_timestamps",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_local_reserved_ports",
+    }
+    target = tmp_path / "99-twfix.conf"
+    tune.write(plan, target)
+    proc = subprocess.run(["sysctl", "-p", str(target)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
+    assert "40500" in netns.read_sysctl("net.ipv4.ip_local_reserved_ports")
+
+
+def twfix_server(port: int):  # type: ignore[no-untyped-def]
+    import twfix
+
+    return twfix.reusable_tcp_server(port, "127.0.0.1")
+
+
+def test_cli_apply_prints_before_and_after(netns: NetNS, empty_root: Path) -> None:
+    import io
+
+    from twfix.cli import main
+
+    netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
+    out = io.StringIO()
+    assert main(["tune", "--apply", "--root", str(empty_root)], out=out, err=io.StringIO()) == 0
+    assert "net.ipv4.tcp_timestamps: 0 -> 1" in out.getvalue()
+    assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"

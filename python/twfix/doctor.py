@@ -436,12 +436,8 @@ _FOLKLORE: Final = {
 _TW_HINT: Final = re.compile(r"time[_ -]?wait|timewait|tw_(?:reuse|recycle|buckets)|fin_timeout", re.I)
 
 
-def _config_lines(path: Path) -> Iterator[tuple[int, str, str, str]]:
+def _config_lines(text: str) -> Iterator[tuple[int, str, str, str]]:
     """(line number, normalised key, value, raw line) of each assignment in a sysctl.d file."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line[0] in "#;":
@@ -456,12 +452,19 @@ def _config_lines(path: Path) -> Iterator[tuple[int, str, str, str]]:
 @_rule
 def _folklore(host: _Host) -> Iterator[Finding]:
     for path in host.config_files():
-        entries = list(_config_lines(path))
         try:
-            mentions_tw = bool(_TW_HINT.search(path.read_text(errors="replace")))
-        except OSError:
-            mentions_tw = False
-        for n, key, value, raw in entries:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            yield Finding(
+                "CONF-UNREADABLE",
+                Severity.INFO,
+                f"{path} could not be read: {exc.strerror or exc}",
+                {"file": str(path), "errno": exc.errno},
+                "run twfix doctor as root to check every sysctl file",
+            )
+            continue
+        mentions_tw = bool(_TW_HINT.search(text))
+        for n, key, value, raw in _config_lines(text):
             spec = _FOLKLORE.get(key)
             if spec is None:
                 if key == "net.ipv4.tcp_max_tw_buckets" and value.isdigit():
@@ -508,7 +511,11 @@ def doctor(*, root: str | os.PathLike[str] = "/") -> Report:
             folklore (tests pass a temporary tree).
     """
     root_path = Path(os.fspath(root))
-    if not root_path.is_dir():
+    try:
+        is_dir = root_path.is_dir()
+    except OSError as exc:
+        raise ValueError(f"root {str(root_path)!r} cannot be read: {exc.strerror}") from None
+    if not is_dir:
         raise ValueError(f"root {str(root_path)!r} is not a directory")
     kernel = platform.release()
     if not sys.platform.startswith("linux"):

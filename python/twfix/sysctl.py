@@ -4,8 +4,8 @@
 knob of the project's reference cheat sheet) with value, kernel default, unit, meaning, what it does
 *not* control, whether it is per network namespace, history and advice. ``netns=`` (a path such as
 ``/run/netns/NAME``) or ``pid=`` reads another network namespace from a short-lived thread, so the
-caller's namespace never changes. Writes go only through :func:`set` (used by ``twfix tune --apply``)
-and only to catalogue knobs.
+caller's namespace never changes. Writes happen only through ``twfix tune --apply``
+(:func:`twfix.tune.apply`) and only to catalogue knobs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Final
 from twfix import _twfix
 from twfix.errors import TwfixError, UnsupportedPlatformError
 
-__all__ = ["Sysctl", "SysctlTable", "SysctlUnavailableError", "get", "read", "set", "validate"]
+__all__ = ["Sysctl", "SysctlTable", "SysctlUnavailableError", "get", "read", "validate"]
 
 Value = int | str | tuple[int, ...] | list[tuple[int, int]]
 
@@ -476,8 +476,12 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def set(name: str, value: object) -> Value | None:
-    """Set a catalogue knob in the caller's network namespace (root only); returns the previous value."""
+def _write(name: str, value: object) -> Value | None:
+    """Set a catalogue knob in the caller's network namespace (root only); returns the previous value.
+
+    Private on purpose: twfix changes kernel settings only through ``twfix tune --apply``
+    (:func:`twfix.tune.apply`).
+    """
     text = validate(name, value)
     key = _normalise(name)
     if os.geteuid() != 0:

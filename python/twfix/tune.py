@@ -186,6 +186,6 @@ def apply(p: Plan) -> list[Change]:
         raise PermissionError("twfix tune --apply changes kernel settings and must run as root")
     done = []
     for c in p.changes:
-        before = sysctl.set(c.name, c.after)
+        before = sysctl._write(c.name, c.after)
         done.append(Change(c.name, before, sysctl.get(c.name), c.reason))
     return done
