@@ -24,7 +24,8 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_HDRLEN: usize = 16;
 const DIAG_MSG_LEN: usize = 72;
-const RECV_BUF: usize = 256 * 1024;
+/// Netlink dump datagrams are at most 32 KiB (the kernel caps its dump allocations there).
+const RECV_BUF: usize = 64 * 1024;
 
 /// One socket as the kernel reports it. Addresses are raw network-order bytes (IPv4 in the first 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -301,6 +302,19 @@ fn netlink_dump_raw(
     filter: Filter,
     mut each: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
+    netlink_recv_loop(family, proto, states, filter, |data, seq| walk_messages(data, seq, &mut each))
+}
+
+/// Send the dump request and hand every received datagram (with the request's sequence number) to
+/// `on_batch`, until it reports the end of the dump. `on_batch` may take the buffer (a new one is
+/// allocated then) to pass it on without a copy.
+fn netlink_recv_loop(
+    family: u8,
+    proto: Proto,
+    states: u32,
+    filter: Filter,
+    mut on_batch: impl FnMut(&mut Vec<u8>, u32) -> Result<Batch>,
+) -> Result<()> {
     let sock = open_netlink()?;
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = build_filtered_request(family, proto, states, seq, filter);
@@ -321,10 +335,13 @@ fn netlink_dump_raw(
     if sent < 0 {
         return Err(Error::last_os("sendto(sock_diag request)"));
     }
-    let mut buf = vec![0u8; RECV_BUF];
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        // SAFETY: buf is valid for RECV_BUF bytes.
-        let n = unsafe { libc::recv(sock.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if buf.capacity() < RECV_BUF {
+            buf = Vec::with_capacity(RECV_BUF); // the previous one was handed on by `on_batch`
+        }
+        // SAFETY: the spare capacity is valid for RECV_BUF bytes; recv writes at most that many.
+        let n = unsafe { libc::recv(sock.0, buf.as_mut_ptr().cast(), RECV_BUF, 0) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EINTR) {
@@ -335,8 +352,9 @@ fn netlink_dump_raw(
         if n == 0 {
             return Err(Error::Malformed("sock_diag socket closed before NLMSG_DONE".into()));
         }
-        let data = buf.get(..n as usize).unwrap_or(&[]);
-        if walk_messages(data, seq, &mut each)? == Batch::Done {
+        // SAFETY: the kernel initialised the first n bytes (n <= RECV_BUF <= capacity).
+        unsafe { buf.set_len(n as usize) };
+        if on_batch(&mut buf, seq)? == Batch::Done {
             return Ok(());
         }
     }
@@ -492,16 +510,91 @@ fn dump_family(
     }
 }
 
-/// Run `work` for IPv4 and IPv6 at once, each on its own thread. Every sock_diag dump walks the whole
-/// established hash (both families share it) and the walk, not the copy, dominates its cost, so two
-/// concurrent walks halve the wall time on a machine with two cores.
-pub fn per_family<T: Send>(work: impl Fn(u8) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let (v4, v6) = std::thread::scope(|scope| {
-        let v6 = scope.spawn(|| work(FAMILIES[1]));
-        let v4 = work(FAMILIES[0]);
-        (v4, v6.join().unwrap_or_else(|_| Err(Error::Malformed("dump thread panicked".into()))))
-    });
-    Ok(vec![v4?, v6?])
+/// What a producer thread hands to the consumer: raw netlink datagrams, or parsed /proc records.
+enum Chunk {
+    Netlink { seq: u32, data: Vec<u8> },
+    Records(Vec<Record>),
+}
+
+/// Chunks in flight between the kernel-facing threads and the consumer; bounds memory (a few
+/// datagrams of at most 32 KiB each) whatever the size of the table.
+const CHANNEL_DEPTH: usize = 8;
+
+/// One family, as chunks sent to `tx` (netlink datagrams are checked before they are sent, so a
+/// refusal is seen before anything reached the consumer and can fall back to /proc).
+fn produce_family(
+    family: u8,
+    proto: Proto,
+    states: u32,
+    source: Source,
+    filter: Filter,
+    tx: &std::sync::mpsc::SyncSender<Chunk>,
+) -> Result<()> {
+    let from_proc = || -> Result<()> {
+        let mut records = Vec::new();
+        proc_dump(family, proto, states, filter, &mut |r| records.push(*r))?;
+        // A closed channel means the consumer stopped (after an error it reports itself).
+        let _ = tx.send(Chunk::Records(records));
+        Ok(())
+    };
+    let from_netlink = || {
+        netlink_recv_loop(family, proto, states, filter, |data, seq| {
+            let batch = walk_messages(data, seq, |_| Ok(()))?;
+            if tx.send(Chunk::Netlink { seq, data: std::mem::take(data) }).is_err() {
+                return Ok(Batch::Done);
+            }
+            Ok(batch)
+        })
+    };
+    match source {
+        Source::Proc => from_proc(),
+        Source::Netlink => from_netlink(),
+        Source::Auto => match from_netlink() {
+            Err(e) if netlink_refused(&e) => from_proc(),
+            other => other,
+        },
+    }
+}
+
+/// Stream both families through `each`, with the kernel's two walks (every sock_diag dump walks the
+/// whole established hash, shared by both families, and the walk dominates its cost) running on two
+/// threads while the calling thread decodes and aggregates: the three overlap on a two-core machine.
+pub fn stream(proto: Proto, states: u32, source: Source, filter: Filter, mut each: impl FnMut(&Record)) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(CHANNEL_DEPTH);
+    std::thread::scope(|scope| {
+        let producers: Vec<_> = FAMILIES
+            .iter()
+            .map(|&family| {
+                let tx = tx.clone();
+                scope.spawn(move || produce_family(family, proto, states, source, filter, &tx))
+            })
+            .collect();
+        drop(tx);
+        let mut consumed: Result<()> = Ok(());
+        for chunk in rx.iter() {
+            if consumed.is_err() {
+                continue; // keep draining so that no producer blocks
+            }
+            consumed = match chunk {
+                Chunk::Netlink { seq, data } => walk_messages(&data, seq, |payload| {
+                    let rec = decode_diag_msg(payload)?;
+                    if rec.state < 32 && states & (1 << rec.state) != 0 && matches(filter, &rec) {
+                        each(&rec);
+                    }
+                    Ok(())
+                })
+                .map(|_| ()),
+                Chunk::Records(records) => {
+                    records.iter().for_each(&mut each);
+                    Ok(())
+                }
+            };
+        }
+        for p in producers {
+            p.join().unwrap_or_else(|_| Err(Error::Malformed("dump thread panicked".into())))?;
+        }
+        consumed
+    })
 }
 
 // ------------------------------------------------------------------------------------------ aggregation
@@ -556,22 +649,6 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn merge(&mut self, other: Summary) {
-        self.total += other.total;
-        for (a, b) in self.by_state.iter_mut().zip(other.by_state) {
-            *a += b;
-        }
-        for (k, v) in other.local_ports {
-            *self.local_ports.entry(k).or_insert(0) += v;
-        }
-        for (k, v) in other.remotes {
-            *self.remotes.entry(k).or_insert(0) += v;
-        }
-        for (a, b) in self.tw_hist.iter_mut().zip(other.tw_hist) {
-            *a += b;
-        }
-    }
-
     pub fn add(&mut self, r: &Record) {
         self.total += 1;
         if let Some(slot) = self.by_state.get_mut(usize::from(r.state)) {
@@ -722,11 +799,9 @@ pub fn dump_sockets(
     let source = Source::parse(source)?;
     let out = py.detach(|| -> Result<Vec<PyRecord>> {
         let filter = port.map_or(Filter::All, Filter::LocalPort);
-        let parts = per_family(|family| {
-            let mut part = Vec::new();
-            dump_family(family, proto, states, source, filter, &mut |r| part.push(to_py_record(r))).map(|()| part)
-        })?;
-        Ok(parts.into_iter().flatten().collect())
+        let mut out = Vec::new();
+        stream(proto, states, source, filter, |r| out.push(to_py_record(r)))?;
+        Ok(out)
     })?;
     Ok(out)
 }
@@ -758,11 +833,9 @@ pub fn dump_entries<'py>(
         );
     }
     let filter = port.map_or(Filter::All, Filter::LocalPort);
-    let parts = py.detach(|| {
-        per_family(|family| {
-            let mut part = Vec::new();
-            dump_family(family, proto, states, source, filter, &mut |r| part.push(*r)).map(|()| part)
-        })
+    let records = py.detach(|| {
+        let mut records = Vec::new();
+        stream(proto, states, source, filter, |r| records.push(*r)).map(|()| records)
     })?;
     let tuple_new = py.get_type::<PyTuple>().getattr("__new__")?;
     let none = py.None().into_bound(py);
@@ -791,7 +864,7 @@ pub fn dump_entries<'py>(
         Ok(obj)
     };
     let list = PyList::empty(py);
-    for r in parts.iter().flatten() {
+    for r in &records {
         let family = if i32::from(r.family) == libc::AF_INET { &families[0] } else { &families[1] };
         let state = state_objs.get(usize::from(r.state)).unwrap_or(&state_objs[7]);
         let laddr = addr_obj(r.family, r.src, r.sport)?;
@@ -827,14 +900,8 @@ pub fn summarize(py: Python<'_>, proto: &str, states: u32, top: usize, source: &
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
     let summary = py.detach(|| -> Result<Summary> {
-        let parts = per_family(|family| {
-            let mut s = Summary::default();
-            dump_family(family, proto, states, source, Filter::All, &mut |r| s.add(r)).map(|()| s)
-        })?;
         let mut total = Summary::default();
-        for part in parts {
-            total.merge(part);
-        }
+        stream(proto, states, source, Filter::All, |r| total.add(r))?;
         Ok(total)
     })?;
     let counts = summary.by_state.iter().enumerate().filter(|(_, c)| **c > 0).map(|(s, c)| (s as u8, *c)).collect();
