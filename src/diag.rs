@@ -769,45 +769,8 @@ pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32)>, u64)> {
 
 // ------------------------------------------------------------------------------------------ Python
 
-pub type PyRecord = (u8, u8, String, u16, String, u16, u32, u64, i64);
-
-fn to_py_record(r: &Record) -> PyRecord {
-    (
-        r.family,
-        r.state,
-        format_addr(r.family, &r.src),
-        r.sport,
-        format_addr(r.family, &r.dst),
-        r.dport,
-        r.uid,
-        r.inode,
-        r.expires().map_or(-1, i64::from),
-    )
-}
-
-/// All sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`.
-#[pyfunction]
-#[pyo3(signature = (proto, states, port=None, source="auto"))]
-pub fn dump_sockets(
-    py: Python<'_>,
-    proto: &str,
-    states: u32,
-    port: Option<u16>,
-    source: &str,
-) -> PyResult<Vec<PyRecord>> {
-    let proto = Proto::parse(proto)?;
-    let source = Source::parse(source)?;
-    let out = py.detach(|| -> Result<Vec<PyRecord>> {
-        let filter = port.map_or(Filter::All, Filter::LocalPort);
-        let mut out = Vec::new();
-        stream(proto, states, source, filter, |r| out.push(to_py_record(r)))?;
-        Ok(out)
-    })?;
-    Ok(out)
-}
-
-/// Like `dump_sockets`, but builds the final Python objects directly (the hot path of
-/// `twfix.sockets()`): `entry_cls(family, state, addr_cls(ip, port), addr_cls(ip, port) | None, uid,
+/// Sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`, built
+/// directly as the final Python objects (the hot path of `twfix.sockets()`): `entry_cls(family, state, addr_cls(ip, port), addr_cls(ip, port) | None, uid,
 /// inode, expires_s | None)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings
 /// and address objects repeat a lot in real tables and are shared instead of rebuilt.
 #[pyfunction]

@@ -21,7 +21,7 @@ mod _twfix {
 
     #[cfg(target_os = "linux")]
     #[pymodule_export]
-    use crate::diag::{dump_entries, dump_sockets, ephemeral_usage, py_netlink_discard, socket_owners, summarize};
+    use crate::diag::{dump_entries, ephemeral_usage, py_netlink_discard, socket_owners, summarize};
 
     #[cfg(target_os = "linux")]
     #[pymodule_export]

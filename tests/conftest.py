@@ -8,6 +8,8 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -107,3 +109,16 @@ def time_wait_pairs(server: socket.socket, count: int, *, server_closes: bool) -
             s.recv(1)  # wait for the FIN so the close order is certain
             s.close()
         done += batch
+
+
+def run_unprivileged(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet as uid/gid 65534 (nobody) in the current network namespace, with twfix importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
 import twfix
-from tests.conftest import NetNS, time_wait_pairs
+from tests.conftest import NetNS, run_unprivileged, time_wait_pairs
 
 
 def test_free_port(netns: NetNS) -> None:
@@ -93,15 +91,7 @@ def test_privileged_port_as_unprivileged_user(netns: NetNS) -> None:
         "w = twfix.explain(80, '127.0.0.1')\n"
         "print(json.dumps([w.privileged, w.can_bind, w.verdict]))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    proc = run_unprivileged(script)
     assert proc.returncode == 0, proc.stderr
     privileged, can_bind, verdict = json.loads(proc.stdout)
     assert privileged is True

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import twfix
-from tests.conftest import NetNS, open_fds, time_wait_pairs
+from tests.conftest import NetNS, open_fds, run_unprivileged, time_wait_pairs
 from twfix import _twfix
 from twfix.diag import TcpState
 
@@ -175,26 +175,7 @@ def test_who_holds_finds_child_process(netns: NetNS) -> None:
                 "h=twfix.who_holds(int(sys.argv[1]))\n"
                 "print(json.dumps([[x.pid for x in h.holders], h.denied, h.note]))\n"
             )
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            proc = subprocess.run(
-                [
-                    "setpriv",
-                    "--reuid",
-                    "65534",
-                    "--regid",
-                    "65534",
-                    "--clear-groups",
-                    sys.executable,
-                    "-c",
-                    script,
-                    str(port),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=60,
-                check=False,
-            )
+            proc = run_unprivileged(script, str(port))
             assert proc.returncode == 0, proc.stderr
             pids, denied, note = json.loads(proc.stdout)
             assert pids == [None]
@@ -269,8 +250,10 @@ BAD = [
     (lambda: twfix.who_holds(70000), ValueError, "port"),
     (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
     (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
-    (lambda: _twfix.dump_sockets("icmp", 1), ValueError, "protocol"),
-    (lambda: _twfix.dump_sockets("tcp", 1, 70000), OverflowError, "int"),
+    (lambda: _twfix.summarize("icmp", 1, 1), ValueError, "protocol"),
+    (lambda: _twfix.summarize("tcp", 1, 1, "magic"), ValueError, "source"),
+    (lambda: _twfix.dump_entries("tcp", 1, 70000, "auto", tuple, tuple, [], []), OverflowError, "int"),
+    (lambda: _twfix.dump_entries("tcp", 1, None, "auto", tuple, tuple, [], []), ValueError, "families"),
 ]
 
 

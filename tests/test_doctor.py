@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import twfix
-from tests.conftest import NetNS, time_wait_pairs
+from tests.conftest import NetNS, run_unprivileged, time_wait_pairs
 from twfix.doctor import Report, Severity
 
 
@@ -320,26 +319,7 @@ def _run_unreadable_case(empty_root: Path) -> None:
     script = (
         "import json, sys, twfix\nr = twfix.doctor(root=sys.argv[1])\nprint(json.dumps([f.code for f in r.findings]))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run(
-        [
-            "setpriv",
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            script,
-            str(empty_root),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    proc = run_unprivileged(script, str(empty_root))
     assert proc.returncode == 0, proc.stderr
     codes = json.loads(proc.stdout)
     assert "CONF-UNREADABLE" in codes

@@ -245,9 +245,19 @@ def _run_intruder(port: int, send: socket.socket | None = None) -> dict[str, obj
     """Run the intruder as uid 65534 in this namespace; feed datagrams whenever it manages to bind."""
     import json
 
-    python = sys.executable if os.access(sys.executable, os.X_OK) else "/usr/bin/python3"
     with subprocess.Popen(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", _INTRUDER, str(port)],
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            _INTRUDER,
+            str(port),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

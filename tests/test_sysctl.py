@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import NetNS, open_fds
+from tests.conftest import NetNS, open_fds, run_unprivileged
 from twfix import _twfix, sysctl
 from twfix.errors import TwfixError
 
@@ -173,15 +172,7 @@ def test_set_needs_root(netns: NetNS) -> None:
         "except PermissionError as e:\n"
         "    print('refused:', e)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    proc = run_unprivileged(script)
     assert "refused: setting net.ipv4.tcp_tw_reuse needs root" in proc.stdout, proc.stderr
     assert witness("net.ipv4.tcp_tw_reuse") == "2"
 

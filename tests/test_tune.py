@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import NetNS
+import twfix
+from tests.conftest import NetNS, run_unprivileged
 from twfix import tune
 
 
@@ -64,16 +64,7 @@ def test_apply_needs_root(netns: NetNS) -> None:
         "except PermissionError as e:\n"
         "    print('refused:', e)\n"
     )
-    python = sys.executable if os.access(sys.executable, os.X_OK) else "/usr/bin/python3"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    proc = run_unprivileged(script)
     assert "refused: " in proc.stdout, proc.stderr
     assert "root" in proc.stdout
     assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
@@ -98,9 +89,7 @@ def test_snippet_is_accepted_by_the_kernel(netns: NetNS, empty_root: Path, tmp_p
     assert "40500" in netns.read_sysctl("net.ipv4.ip_local_reserved_ports")
 
 
-def twfix_server(port: int):  # type: ignore[no-untyped-def]
-    import twfix
-
+def twfix_server(port: int) -> socket.socket:
     return twfix.reusable_tcp_server(port, "127.0.0.1")
 
 

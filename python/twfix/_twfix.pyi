@@ -13,7 +13,6 @@ __all__ = [
     "__version__",
     "bind_socket",
     "dump_entries",
-    "dump_sockets",
     "ephemeral_usage",
     "make_reusable",
     "netlink_discard",
@@ -46,10 +45,7 @@ def bind_socket(
 ) -> None: ...
 def make_reusable(fd: int, flags: int) -> None: ...
 
-# Socket table (Linux only). Records: (family, state, laddr, lport, raddr, rport, uid, inode, expires_ms or -1).
-def dump_sockets(
-    proto: str, states: int, port: int | None = None, source: str = "auto"
-) -> list[tuple[int, int, str, int, str, int, int, int, int]]: ...
+# Socket table (Linux only).
 def dump_entries(
     proto: str,
     states: int,

@@ -363,7 +363,7 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
 
 
 def _require_linux() -> None:
-    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_sockets"):
+    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_entries"):
         raise UnsupportedPlatformError("twfix.explain() reads the Linux socket table and is available on Linux only")
 
 

@@ -105,7 +105,7 @@ _KINDS: Final = {
 
 
 def _require_linux() -> None:
-    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_sockets"):
+    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_entries"):
         raise UnsupportedPlatformError(
             f"the socket table is read through Linux sock_diag; unavailable on {sys.platform}"
         )
