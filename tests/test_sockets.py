@@ -527,3 +527,28 @@ def test_native_surface_rejects_garbage() -> None:
     with pytest.raises(OSError) as err:
         _twfix.bind_socket(99999, socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 0, 0, _twfix.F_REUSE_ADDR, -1)
     assert err.value.errno == errno.EBADF
+
+
+def test_client_tries_every_address_of_a_name(netns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name with an IPv6 and an IPv4 address reaches a server listening on either of them."""
+    real = socket.getaddrinfo
+
+    def both(host: str, port: int, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host != "both.test":
+            return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    for host in ("127.0.0.1", "::1"):
+        with twfix.reusable_tcp_server(0, host) as srv:
+            port = srv.getsockname()[1]
+            with twfix.reusable_tcp_client("both.test", port, timeout=5) as c:
+                assert c.getpeername()[0] == host
+                srv.accept()[0].close()
+    before = open_fds()
+    with pytest.raises(ConnectionRefusedError):
+        twfix.reusable_tcp_client("both.test", 1)
+    assert open_fds() == before

@@ -340,7 +340,8 @@ def reusable_tcp_client(
     explicit source port collide with TIME-WAIT 4-tuples.
 
     Args:
-        host: the server's address or name, resolved once (first usable address is tried).
+        host: the server's address or name, resolved once; each of its addresses is tried in turn, like
+            :func:`socket.create_connection` (with ``source_address``, only those of its family).
         port: the server's port (1..65535).
         source_address: ``(host, port)`` to bind before connecting, or None.
         timeout: connect and I/O timeout passed to ``settimeout()``; None leaves the default.
@@ -359,22 +360,65 @@ def reusable_tcp_client(
         src_port = _check_port(source_address[1], "source_address port")
     if host == "":
         raise ValueError("host must name the server to connect to, not be empty")
-    family, ip, scope_id = _resolve(host, port, None, socket.SOCK_STREAM)
+    src_family: int | None = None
     if src_host is not None:
-        src_family, src_ip, src_scope = _resolve(src_host, src_port, family, socket.SOCK_STREAM, "source_address host")
+        src_family = _resolve(src_host, src_port, None, socket.SOCK_STREAM, "source_address host")[0]
+    candidates = _candidates(host, port, src_family)
+    last: OSError | None = None
+    for family, ip, scope_id in candidates:  # like create_connection: each address of a name in turn
+        try:
+            return _connect_one(family, ip, port, scope_id, src_host, src_port, timeout)
+        except OSError as exc:
+            last = exc
+    assert last is not None  # _candidates never returns an empty list
+    raise last
+
+
+def _candidates(host: str, port: int, family: int | None) -> list[tuple[int, str, int]]:
+    """The addresses to try for a connection: the literal itself, or every address of a name."""
+    literal = _parse_literal(host, None, "host")
+    if literal is not None:
+        if family is not None and literal[0] != family:
+            raise ValueError(
+                f"source_address is {_FAMILY_NAMES[family]} but host {host!r} is {_FAMILY_NAMES[literal[0]]}"
+            )
+        return [literal]
+    if "\0" in host:
+        raise ValueError("host must not contain NUL characters")
+    try:
+        infos = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ValueError(f"host {host!r} could not be resolved: {reason}") from exc
+    out = []
+    for fam, _type, _proto, _canon, sockaddr in infos:
+        if fam == socket.AF_INET:
+            out.append((int(fam), str(sockaddr[0]), 0))
+        elif fam == socket.AF_INET6:
+            out.append((int(fam), str(sockaddr[0]).split("%", 1)[0], int(sockaddr[3])))  # type: ignore[misc]
+    if not out:
+        raise ValueError(f"host {host!r} has no {'matching ' if family else ''}IPv4 or IPv6 address")
+    return out
+
+
+_FAMILY_NAMES: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+def _connect_one(
+    family: int, ip: str, port: int, scope_id: int, src_host: str | None, src_port: int, timeout: float | None
+) -> socket.socket:
+    if src_host is not None:
+        _, src_ip, src_scope = _resolve(src_host, src_port, family, socket.SOCK_STREAM, "source_address host")
         flags = _F_BIND_NO_PORT if src_port == 0 else 0
         if family == socket.AF_INET6:
             flags |= _F_V6ONLY
-        sock = _open(src_family, socket.SOCK_STREAM, src_ip, src_port, src_scope, flags, -1, _TCP, src_host, timeout)
+        sock = _open(family, socket.SOCK_STREAM, src_ip, src_port, src_scope, flags, -1, _TCP, src_host, timeout)
     else:
         sock = socket.socket(family, socket.SOCK_STREAM)
         if timeout is not None:
             sock.settimeout(timeout)
     try:
-        if family == socket.AF_INET6:
-            sock.connect((ip, port, 0, scope_id))
-        else:
-            sock.connect((ip, port))
+        sock.connect((ip, port, 0, scope_id) if family == socket.AF_INET6 else (ip, port))
     except BaseException:
         sock.close()
         raise
