@@ -154,15 +154,19 @@ def _open(
             _bind(sock, family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
         else:
             sock.bind((ip, port))  # no option to set: this is exactly the stdlib sequence
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise _address_in_use(exc, protocol, host, ip, port, family, flags) from None
-        raise
-    except BaseException:
-        sock.close()
-        raise
+    except BaseException as exc:
+        raise _failed(sock, exc, protocol, host, ip, port, family, flags) from None
     return sock
+
+
+def _failed(
+    sock: socket.socket, exc: BaseException, protocol: str, host: str, ip: str, port: int, family: int, flags: int
+) -> BaseException:
+    """Close the half-built socket; the exception to raise (EADDRINUSE becomes the explained error)."""
+    sock.close()
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return _address_in_use(exc, protocol, host, ip, port, family, flags)
+    return exc
 
 
 def _bind(
@@ -242,6 +246,18 @@ def reusable_udp(
     if timeout is not None:
         timeout = _check_timeout(timeout)
     fam = None if family is None else _check_family(family)
+    if multicast_group is None and not reuse_port:
+        family_, ip, _scope = _LITERALS.get((host, fam)) or _resolve(host, port, fam, socket.SOCK_DGRAM)
+        if family_ == socket.AF_INET:
+            # Nothing to set on an IPv4 socket: exactly the stdlib sequence, kept as cheap as it.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                if timeout is not None:
+                    sock.settimeout(timeout)
+                sock.bind((ip, port))
+            except BaseException as exc:
+                raise _failed(sock, exc, _UDP, host, ip, port, family_, 0) from None
+            return sock
     flags = _F_REUSE_PORT if reuse_port else 0
     if multicast_group is not None:
         multicast_group = _check_host(multicast_group, "multicast_group")
@@ -438,9 +454,6 @@ def make_reusable(sock: socket.socket, *, reuse_port: bool = False) -> socket.so
     fd = sock.fileno()
     if fd < 0:
         raise ValueError("sock is closed")
-    family = _RAW_FAMILY(sock)
-    if family != socket.AF_INET and family != socket.AF_INET6:
-        raise ValueError(f"sock must be an AF_INET or AF_INET6 socket, not {sock.family!r}")
     sotype = _RAW_TYPE(sock) & _TYPE_MASK
     if sotype == socket.SOCK_STREAM:
         flags = _SERVER_FLAGS | _F_REUSE_PORT if reuse_port else _SERVER_FLAGS
@@ -449,8 +462,11 @@ def make_reusable(sock: socket.socket, *, reuse_port: bool = False) -> socket.so
     else:
         raise ValueError(f"sock must be a SOCK_STREAM or SOCK_DGRAM socket, not {sock.type!r}")
     if _HAVE_NATIVE:
-        _twfix.make_reusable(fd, flags)
+        _twfix.make_reusable(fd, flags)  # also refuses non-IP sockets and bound ones, naming the address
         return sock
+    family = _RAW_FAMILY(sock)
+    if family != socket.AF_INET and family != socket.AF_INET6:
+        raise ValueError(f"sock must be an AF_INET or AF_INET6 socket, not {sock.family!r}")
     bound = sock.getsockname()
     if bound[1] != 0:
         raise ValueError(f"sock is already bound to {_fmt_addr(bound)}: reuse options must be set before bind()")
