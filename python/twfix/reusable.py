@@ -290,7 +290,7 @@ def reusable_tcp_server(
     timeout: float | None = None,
     family: socket.AddressFamily | None = None,
 ) -> socket.socket:
-    """Like :func:`socket.create_server`, but binds over the TIME-WAIT left by a previous server.
+    """Like socket.create_server, but binds over the TIME-WAIT left by a previous server.
 
     On POSIX the listener gets ``SO_REUSEADDR``, so the next instance of this server can bind while
     connections of this one sit in TIME-WAIT (the flag is inherited by those TIME-WAIT sockets, which
@@ -348,7 +348,7 @@ def reusable_tcp_client(
     source_address: tuple[str, int] | None = None,
     timeout: float | None = None,
 ) -> socket.socket:
-    """Like :func:`socket.create_connection`, but without burning ephemeral ports.
+    """Like socket.create_connection, but without burning ephemeral ports.
 
     When ``source_address`` names an address with port 0, ``IP_BIND_ADDRESS_NO_PORT`` defers the port
     choice to ``connect()``, so the same local port can serve different destinations instead of being
