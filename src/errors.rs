@@ -47,12 +47,6 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<nix::errno::Errno> for Error {
-    fn from(e: nix::errno::Errno) -> Self {
-        Error::Os { errno: e as i32, what: "system call".into() }
-    }
-}
-
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {

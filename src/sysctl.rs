@@ -108,7 +108,6 @@ fn write_one(name: &str, value: &str) -> Result<Option<String>> {
 
 /// Run `f` in a new thread that first joins the network namespace at `ns_path`.
 fn in_netns<T: Send + 'static>(ns_path: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    use std::os::fd::AsRawFd;
     if ns_path.is_empty() || ns_path.contains('\0') {
         return Err(Error::Invalid(format!("invalid namespace path {ns_path:?}")));
     }
@@ -117,16 +116,12 @@ fn in_netns<T: Send + 'static>(ns_path: &str, f: impl FnOnce() -> Result<T> + Se
     let handle = std::thread::Builder::new()
         .name("twfix-netns".into())
         .spawn(move || -> Result<T> {
-            // SAFETY: setns on this thread only; the fd stays open until the closure returns.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINVAL) {
-                    return Err(Error::Invalid(format!("{path} is not a network namespace")));
-                }
-                return Err(Error::os(err, format!("setns({path})")));
+            // Joins the namespace on this thread only; the caller's threads stay where they are.
+            match nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
+                Ok(()) => f(),
+                Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{path} is not a network namespace"))),
+                Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({path})") }),
             }
-            f()
         })
         .map_err(|e| Error::os(e, "spawn namespace thread"))?;
     handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
