@@ -18,6 +18,10 @@ pub const LISTEN: u8 = 10;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The original inet_diag request (TCPDIAG_GETSOCK): its dumps cover both families in one walk.
+const TCPDIAG_GETSOCK: u16 = 18;
+/// `family` value asking for that one-walk dump of both TCP families.
+pub const BOTH: u8 = libc::AF_UNSPEC as u8;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -166,10 +170,34 @@ pub fn bytecode(filter: Filter) -> Vec<u8> {
     bc
 }
 
-/// Build the SOCK_DIAG_BY_FAMILY dump request (nlmsghdr + inet_diag_req_v2 + optional bytecode).
+/// Build the TCPDIAG_GETSOCK dump request (nlmsghdr + struct inet_diag_req): the kernel answers it
+/// for both families from a single walk of the established hash (`sdiag_family = AF_UNSPEC`).
+pub fn build_both_request(states: u32, seq: u32) -> Vec<u8> {
+    let len = (NLMSG_HDRLEN + 60) as u32;
+    let mut m = Vec::with_capacity(len as usize);
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]); // family (ignored by dumps), src/dst len, ext
+    m.extend_from_slice(&[0u8; 4 + 32 + 4]); // sport, dport, src, dst, if
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+    m.extend_from_slice(&u32::MAX.to_ne_bytes());
+    m.extend_from_slice(&states.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes()); // idiag_dbs
+    m
+}
+
+/// Build the dump request (nlmsghdr + inet_diag_req_v2, or the one-walk TCP request for `BOTH`),
+/// with the filter's bytecode attached.
 pub fn build_filtered_request(family: u8, proto: Proto, states: u32, seq: u32, filter: Filter) -> Vec<u8> {
     let bc = bytecode(filter);
-    let mut m = build_request(family, proto, states, seq);
+    let mut m = if family == BOTH && proto == Proto::Tcp {
+        build_both_request(states, seq)
+    } else {
+        build_request(family, proto, states, seq)
+    };
     if !bc.is_empty() {
         let nla_len = (4 + bc.len()) as u16;
         m.extend_from_slice(&nla_len.to_ne_bytes());
@@ -253,7 +281,8 @@ pub fn walk_messages(buf: &[u8], seq: u32, mut each: impl FnMut(&[u8]) -> Result
                 }
                 return Err(Error::Os { errno: -code, what: "sock_diag dump".into() });
             }
-            SOCK_DIAG_BY_FAMILY => each(payload)?,
+            // Replies carry the request's type: SOCK_DIAG_BY_FAMILY, or TCPDIAG_GETSOCK for one-walk dumps.
+            SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => each(payload)?,
             _ => {} // e.g. NLMSG_NOOP: ignore
         }
         // NLMSG_ALIGN(len), clamped to the buffer.
@@ -372,9 +401,10 @@ fn netlink_dump(family: u8, proto: Proto, states: u32, filter: Filter, each: &mu
 }
 
 /// Count the messages of a dump without decoding them: the kernel's own cost, for benchmarks.
-pub fn netlink_discard(proto: Proto, states: u32) -> Result<u64> {
+pub fn netlink_discard(proto: Proto, states: u32, one_walk: bool) -> Result<u64> {
     let mut count = 0u64;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+    let families: &[u8] = if one_walk && proto == Proto::Tcp { &[BOTH] } else { &FAMILIES };
+    for &family in families {
         netlink_dump_raw(family, proto, states, Filter::All, |_| {
             count += 1;
             Ok(())
@@ -547,6 +577,7 @@ fn produce_family(
         })
     };
     match source {
+        _ if family == BOTH => from_netlink(), // its caller falls back to per-family dumps
         Source::Proc => from_proc(),
         Source::Netlink => from_netlink(),
         Source::Auto => match from_netlink() {
@@ -556,13 +587,38 @@ fn produce_family(
     }
 }
 
-/// Stream both families through `each`, with the kernel's two walks (every sock_diag dump walks the
-/// whole established hash, shared by both families, and the walk dominates its cost) running on two
-/// threads while the calling thread decodes and aggregates: the three overlap on a two-core machine.
+/// Stream both families through `each`. Every sock_diag dump walks the whole established hash
+/// (shared by both families) and the walk, not the copy, dominates its cost; so TCP uses the one
+/// request that covers both families in a single walk, on its own thread while the calling thread
+/// decodes and aggregates. Where the kernel refuses that request, and for UDP, one dump per family
+/// runs, each on its own thread.
 pub fn stream(proto: Proto, states: u32, source: Source, filter: Filter, mut each: impl FnMut(&Record)) -> Result<()> {
+    if proto == Proto::Tcp && source != Source::Proc {
+        let mut delivered = false;
+        let one_walk = stream_families(&[BOTH], proto, states, source, filter, |r| {
+            delivered = true;
+            each(r);
+        });
+        match one_walk {
+            Err(Error::Os { .. }) if !delivered => {} // not offered by this kernel: per-family dumps
+            other => return other,
+        }
+    }
+    stream_families(&FAMILIES, proto, states, source, filter, each)
+}
+
+/// Dump `families` (one producer thread each), decoding in the calling thread.
+fn stream_families(
+    families: &[u8],
+    proto: Proto,
+    states: u32,
+    source: Source,
+    filter: Filter,
+    mut each: impl FnMut(&Record),
+) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(CHANNEL_DEPTH);
     std::thread::scope(|scope| {
-        let producers: Vec<_> = FAMILIES
+        let producers: Vec<_> = families
             .iter()
             .map(|&family| {
                 let tx = tx.clone();
@@ -905,12 +961,14 @@ pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<(u64, u3
     Ok(py.detach(|| owners(&inodes))?)
 }
 
-/// A bare dump that only receives and discards: the kernel's own cost, for benchmarks.
+/// A bare dump that only receives and discards: the kernel's own cost, for benchmarks. By default one
+/// SOCK_DIAG_BY_FAMILY dump per family (what `ss` does); `one_walk=True` uses the single TCP dump
+/// that twfix itself prefers.
 #[pyfunction]
-#[pyo3(name = "netlink_discard")]
-pub fn py_netlink_discard(py: Python<'_>, proto: &str, states: u32) -> PyResult<u64> {
+#[pyo3(name = "netlink_discard", signature = (proto, states, one_walk=false))]
+pub fn py_netlink_discard(py: Python<'_>, proto: &str, states: u32, one_walk: bool) -> PyResult<u64> {
     let proto = Proto::parse(proto)?;
-    Ok(py.detach(|| netlink_discard(proto, states))?)
+    Ok(py.detach(|| netlink_discard(proto, states, one_walk))?)
 }
 
 #[cfg(test)]
@@ -1013,6 +1071,17 @@ mod tests {
         assert!(bytecode(Filter::All).is_empty());
         let req = build_filtered_request(2, Proto::Tcp, 1, 1, Filter::LocalPort(1));
         assert_eq!(u32_ne(&req, 0), Some(req.len() as u32));
+    }
+
+    #[test]
+    fn one_walk_request_layout() {
+        let r = build_filtered_request(BOTH, Proto::Tcp, 1 << 6, 9, Filter::LocalPort(80));
+        assert_eq!(u32_ne(&r, 0), Some(r.len() as u32));
+        assert_eq!(u16_ne(&r, 4), Some(TCPDIAG_GETSOCK));
+        assert_eq!(u32_ne(&r, 16 + 52), Some(1 << 6), "idiag_states follows the 48-byte sockid");
+        assert_eq!(u16_ne(&r, 16 + 60 + 2), Some(INET_DIAG_REQ_BYTECODE));
+        // UDP has no one-walk request: BOTH falls back to the v2 layout (which the kernel refuses).
+        assert_eq!(u16_ne(&build_filtered_request(BOTH, Proto::Udp, 1, 1, Filter::All), 4), Some(20));
     }
 
     #[test]
