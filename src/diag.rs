@@ -1074,6 +1074,28 @@ mod tests {
     }
 
     #[test]
+    fn one_walk_and_per_family_dumps_agree() {
+        // A listener of this test process, found through every path (the host's table, read-only).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let port = listener.local_addr().expect("addr").port();
+        let find = |families: &[u8], source: Source| {
+            let mut found = Vec::new();
+            stream_families(families, Proto::Tcp, 1 << LISTEN, source, Filter::LocalPort(port), |r| found.push(*r))
+                .expect("dump");
+            found
+        };
+        let one = find(&[BOTH], Source::Netlink);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one, find(&FAMILIES, Source::Netlink));
+        assert_eq!(one[0].sport, port);
+        let from_proc = find(&FAMILIES, Source::Proc);
+        assert_eq!((from_proc[0].sport, from_proc[0].inode), (port, one[0].inode));
+        let mut n = 0;
+        stream(Proto::Tcp, 1 << LISTEN, Source::Auto, Filter::LocalPort(port), |_| n += 1).expect("dump");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
     fn one_walk_request_layout() {
         let r = build_filtered_request(BOTH, Proto::Tcp, 1 << 6, 9, Filter::LocalPort(80));
         assert_eq!(u32_ne(&r, 0), Some(r.len() as u32));
