@@ -542,13 +542,19 @@ fn dump_family(
 
 /// What a producer thread hands to the consumer: raw netlink datagrams, or parsed /proc records.
 enum Chunk {
-    Netlink { seq: u32, data: Vec<u8> },
+    /// Several datagrams at a time: each hand-off wakes the consumer, so fewer are cheaper.
+    Netlink {
+        seq: u32,
+        data: Vec<Vec<u8>>,
+    },
     Records(Vec<Record>),
 }
 
 /// Chunks in flight between the kernel-facing threads and the consumer; bounds memory (a few
 /// datagrams of at most 32 KiB each) whatever the size of the table.
-const CHANNEL_DEPTH: usize = 8;
+const CHANNEL_DEPTH: usize = 4;
+/// Datagrams (at most 32 KiB each) per hand-off.
+const DATAGRAMS_PER_CHUNK: usize = 8;
 
 /// One family, as chunks sent to `tx` (netlink datagrams are checked before they are sent, so a
 /// refusal is seen before anything reached the consumer and can fall back to /proc).
@@ -568,9 +574,13 @@ fn produce_family(
         Ok(())
     };
     let from_netlink = || {
+        let mut pending: Vec<Vec<u8>> = Vec::new();
         netlink_recv_loop(family, proto, states, filter, |data, seq| {
             let batch = walk_messages(data, seq, |_| Ok(()))?;
-            if tx.send(Chunk::Netlink { seq, data: std::mem::take(data) }).is_err() {
+            pending.push(std::mem::take(data));
+            if (pending.len() >= DATAGRAMS_PER_CHUNK || batch == Batch::Done)
+                && tx.send(Chunk::Netlink { seq, data: std::mem::take(&mut pending) }).is_err()
+            {
                 return Ok(Batch::Done);
             }
             Ok(batch)
@@ -632,14 +642,16 @@ fn stream_families(
                 continue; // keep draining so that no producer blocks
             }
             consumed = match chunk {
-                Chunk::Netlink { seq, data } => walk_messages(&data, seq, |payload| {
-                    let rec = decode_diag_msg(payload)?;
-                    if rec.state < 32 && states & (1 << rec.state) != 0 && matches(filter, &rec) {
-                        each(&rec);
-                    }
-                    Ok(())
-                })
-                .map(|_| ()),
+                Chunk::Netlink { seq, data } => data.iter().try_for_each(|datagram| {
+                    walk_messages(datagram, seq, |payload| {
+                        let rec = decode_diag_msg(payload)?;
+                        if rec.state < 32 && states & (1 << rec.state) != 0 && matches(filter, &rec) {
+                            each(&rec);
+                        }
+                        Ok(())
+                    })
+                    .map(|_| ())
+                }),
                 Chunk::Records(records) => {
                     records.iter().for_each(&mut each);
                     Ok(())
