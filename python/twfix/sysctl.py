@@ -404,6 +404,7 @@ def read(
     pid: int | None = None,
 ) -> SysctlTable:
     """A table of the catalogue (or of ``names``), read in one pass."""
+    _require_linux()
     if isinstance(names, str):
         names = [names]
     wanted = list(_CATALOGUE) if names is None else [_normalise(n) for n in names]
