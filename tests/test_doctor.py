@@ -337,3 +337,12 @@ def test_other_platforms_get_an_unavailable_finding(monkeypatch: pytest.MonkeyPa
         twfix.sysctl.get("net.ipv4.tcp_tw_reuse")
     with pytest.raises(twfix.UnsupportedPlatformError):
         twfix.explain(80)
+
+
+def test_server_side_time_wait_is_not_outgoing_traffic(netns: NetNS, empty_root: Path) -> None:
+    """A server inside the ephemeral range whose own closes leave TIME-WAIT is not a tcp_tw_reuse case."""
+    _add_test_address("10.123.0.1")
+    server = twfix.reusable_tcp_server(40500, "10.123.0.1", backlog=512)
+    with server:
+        time_wait_pairs(server, 1000, server_closes=True)
+        assert "TW-REUSE-LOOPBACK-ONLY" not in _codes(twfix.doctor(root=empty_root))

@@ -193,9 +193,13 @@ class _Host:
         return result
 
     def sockets(self, states: list[str]) -> list[Any]:
-        from twfix import diag
+        key = "sockets:" + ",".join(states)
+        if key not in self._cache:
+            from twfix import diag
 
-        return list(diag.sockets("tcp", states=states))
+            self._cache[key] = diag.sockets("tcp", states=states)
+        result: list[Any] = self._cache[key]
+        return result
 
     def ephemeral(self) -> list[Any]:
         from twfix import diag
@@ -362,9 +366,19 @@ def _tw_reuse(host: _Host) -> Iterator[Finding]:
         lo, hi = rng
         try:
             tws = host.sockets(["TIME_WAIT"])
+            served = {s.laddr.port for s in host.sockets(["LISTEN"])}
         except (OSError, NotImplementedError):
             return
-        outgoing = [s for s in tws if lo <= s.laddr.port <= hi and s.raddr is not None and not _is_loopback(s.raddr.ip)]
+        # Client side: a local port from the ephemeral range that is not a listening port (a server's
+        # own TIME-WAITs sit on its listening port and are not helped by tcp_tw_reuse).
+        outgoing = [
+            s
+            for s in tws
+            if lo <= s.laddr.port <= hi
+            and s.laddr.port not in served
+            and s.raddr is not None
+            and not _is_loopback(s.raddr.ip)
+        ]
         if len(outgoing) >= _OUTGOING_TW_THRESHOLD:
             evidence["outgoing_time_wait_non_loopback"] = len(outgoing)
             yield Finding(
