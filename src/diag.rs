@@ -170,22 +170,38 @@ pub fn bytecode(filter: Filter) -> Vec<u8> {
     bc
 }
 
-/// Build the TCPDIAG_GETSOCK dump request (nlmsghdr + struct inet_diag_req): the kernel answers it
-/// for both families from a single walk of the established hash (`sdiag_family = AF_UNSPEC`).
-pub fn build_both_request(states: u32, seq: u32) -> Vec<u8> {
-    let len = (NLMSG_HDRLEN + 60) as u32;
-    let mut m = Vec::with_capacity(len as usize);
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+/// A dump request's nlmsghdr; its length is fixed up once the message is complete.
+fn request_header(kind: u16, seq: u32, capacity: usize) -> Vec<u8> {
+    let mut m = Vec::with_capacity(capacity);
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]); // family (ignored by dumps), src/dst len, ext
+    m
+}
+
+/// `struct inet_diag_sockid` matching any socket: ports, addresses and interface 0, no cookie.
+fn any_sockid(m: &mut Vec<u8>) {
     m.extend_from_slice(&[0u8; 4 + 32 + 4]); // sport, dport, src, dst, if
     m.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
     m.extend_from_slice(&u32::MAX.to_ne_bytes());
+}
+
+fn set_length(m: &mut [u8]) {
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Build the TCPDIAG_GETSOCK dump request (nlmsghdr + struct inet_diag_req): the kernel answers it
+/// for both families from a single walk of the established hash (`sdiag_family = AF_UNSPEC`).
+pub fn build_both_request(states: u32, seq: u32) -> Vec<u8> {
+    let mut m = request_header(TCPDIAG_GETSOCK, seq, NLMSG_HDRLEN + 60);
+    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]); // family (ignored by dumps), src/dst len, ext
+    any_sockid(&mut m);
     m.extend_from_slice(&states.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes()); // idiag_dbs
+    set_length(&mut m);
     m
 }
 
@@ -203,26 +219,18 @@ pub fn build_filtered_request(family: u8, proto: Proto, states: u32, seq: u32, f
         m.extend_from_slice(&nla_len.to_ne_bytes());
         m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
         m.extend_from_slice(&bc);
-        let total = m.len() as u32;
-        m[0..4].copy_from_slice(&total.to_ne_bytes());
+        set_length(&mut m);
     }
     m
 }
 
 /// Build the SOCK_DIAG_BY_FAMILY dump request (nlmsghdr + inet_diag_req_v2).
 pub fn build_request(family: u8, proto: Proto, states: u32, seq: u32) -> Vec<u8> {
-    let len = (NLMSG_HDRLEN + 56) as u32;
-    let mut m = Vec::with_capacity(len as usize);
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    let mut m = request_header(SOCK_DIAG_BY_FAMILY, seq, NLMSG_HDRLEN + 56);
     m.extend_from_slice(&[family, proto.ipproto(), 0, 0]);
     m.extend_from_slice(&states.to_ne_bytes());
-    m.extend_from_slice(&[0u8; 4 + 32 + 4]); // sport, dport, src, dst, if
-    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
-    m.extend_from_slice(&u32::MAX.to_ne_bytes());
+    any_sockid(&mut m);
+    set_length(&mut m);
     m
 }
 

@@ -55,3 +55,20 @@ def test_return_types(netns: NetNS) -> None:
     assert isinstance(twfix.sysctl.read(), twfix.sysctl.SysctlTable)
     with twfix.reusable_udp(0, "127.0.0.1") as u:
         assert type(u) is socket.socket
+
+
+def test_notebook_renderings_escape_hostile_text(netns: NetNS) -> None:
+    """Every HTML rendering escapes what it shows: a program name, a title, a caption."""
+    from twfix.diag import Holders, PortHolder, TcpState
+    from twfix.doctor import Finding, Report, Severity
+
+    evil = "<img src=x onerror=alert(1)>"
+    holder = PortHolder(TcpState.LISTEN, twfix.Addr("127.0.0.1", 1), None, 0, 1, 42, evil, (evil,))
+    report = Report((Finding("X", Severity.ERROR, evil, {evil: evil}, evil, evil),), kernel=evil)
+    summary = twfix.summary()
+    pages = [Holders(1, "tcp", (holder,), 0, evil)._repr_html_(), report._repr_html_(), summary._repr_html_()]
+    for page in pages:
+        assert "<img" not in page
+        assert "<table>" in page
+    assert "&lt;img" in pages[0]
+    assert "&lt;img" in pages[1]

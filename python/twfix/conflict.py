@@ -16,7 +16,6 @@ Kernel facts used (see the project's reference on Linux TIME-WAIT):
 from __future__ import annotations
 
 import errno
-import html
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from twfix import _twfix
+from twfix._html import SEVERITY_COLOURS, table
 from twfix.errors import AddressInUseError, UnsupportedPlatformError
 
 if TYPE_CHECKING:
@@ -112,16 +112,15 @@ class Explanation:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def _repr_html_(self) -> str:
-        esc = html.escape
         ok = self.can_bind or self.can_bind_with_reuse
-        colour = "#1a7f37" if ok else "#cf222e"
-        items = "".join(f"<li>{esc(r)}</li>" for r in self.reasons)
-        tips = "".join(f"<li>{esc(a)}</li>" for a in self.advice)
+        rows = [(("reason", SEVERITY_COLOURS["info"]), r) for r in self.reasons]
+        rows += [(("advice", SEVERITY_COLOURS["ok"]), a) for a in self.advice]
+        caption = self.verdict
+        colour = SEVERITY_COLOURS["ok" if ok else "error"]
         return (
-            f'<div class="twfix-explanation"><p style="color:{colour}"><b>{esc(self.verdict)}</b></p>'
-            + (f"<ul>{items}</ul>" if items else "")
-            + (f"<p>Advice:</p><ul>{tips}</ul>" if tips else "")
-            + "</div>"
+            table("twfix-explanation", caption, ("", ""), rows)
+            .replace("<p>", f'<p style="color:{colour}"><b>', 1)
+            .replace("</p>", "</b></p>", 1)
         )
 
 

@@ -8,7 +8,6 @@ refused; aggregation runs in Rust while the dump streams. Linux only: elsewhere 
 from __future__ import annotations
 
 import enum
-import html
 import json
 import socket
 import sys
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from twfix import _twfix
+from twfix._html import table
 from twfix.errors import UnsupportedPlatformError
 
 __all__ = [
@@ -212,17 +212,12 @@ class SocketSummary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        esc = html.escape
-        rows = "".join(
-            f"<tr><td>{esc(str(s))}</td><td>{n}</td><td>"
-            + esc(", ".join(f"{p} ({c})" for p, c in self.top_local_ports.get(s, [])[:5]))
-            + "</td></tr>"
+        rows = [
+            (str(s), str(n), ", ".join(f"{p} ({c})" for p, c in self.top_local_ports.get(s, [])[:5]))
             for s, n in sorted(self.by_state.items(), key=lambda kv: -kv[1])
-        )
-        return (
-            f"<div class='twfix-summary'><p>{self.total} {esc(self.kind)} sockets</p><table>"
-            f"<tr><th>state</th><th>count</th><th>top local ports</th></tr>{rows}</table></div>"
-        )
+        ]
+        caption = f"{self.total} {self.kind} sockets"
+        return table("twfix-summary", caption, ("state", "count", "top local ports"), rows)
 
 
 _HIST_LABELS: Final = ("0-10s", "10-20s", "20-30s", "30-40s", "40-50s", "50-60s", ">=60s")
@@ -287,6 +282,21 @@ class Holders:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def _repr_html_(self) -> str:
+        rows = [
+            (
+                str(h.state),
+                f"{h.laddr.ip}:{h.laddr.port}",
+                f"{h.raddr.ip}:{h.raddr.port}" if h.raddr else "",
+                str(h.pid) if h.pid is not None else "",
+                h.name or "",
+                " ".join(h.cmdline),
+            )
+            for h in self.holders
+        ]
+        caption = f"{self.kind} port {self.port}" + (f" ({self.note})" if self.note else "")
+        return table("twfix-holders", caption, ("state", "local", "remote", "pid", "program", "command"), rows)
 
     def __str__(self) -> str:
         if not self.holders:

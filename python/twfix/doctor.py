@@ -9,7 +9,6 @@ private network namespace by the project's tests (tests/test_doctor.py).
 from __future__ import annotations
 
 import enum
-import html
 import json
 import os
 import platform
@@ -19,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from twfix._html import SEVERITY_COLOURS, table
 
 __all__ = ["Finding", "Report", "Severity", "doctor"]
 
@@ -120,27 +121,18 @@ class Report:
         return self.render()
 
     def _repr_html_(self) -> str:
-        esc = html.escape
-        colours = {
-            Severity.OK: "#1a7f37",
-            Severity.INFO: "#0969da",
-            Severity.WARNING: "#9a6700",
-            Severity.ERROR: "#cf222e",
-        }
-        rows = []
-        for f in self.findings:
-            evidence = ", ".join(f"{esc(str(k))}={esc(_short(v))}" for k, v in f.evidence.items())
-            rows.append(
-                f'<tr><td style="color:{colours[f.severity]}"><b>{esc(str(f.severity))}</b></td>'
-                f"<td><code>{esc(f.code)}</code></td><td>{esc(f.title)}</td><td>{evidence}</td>"
-                f"<td>{esc(f.advice)}</td></tr>"
+        rows = [
+            (
+                (str(f.severity), SEVERITY_COLOURS[str(f.severity)]),
+                f.code,
+                f.title,
+                ", ".join(f"{k}={_short(v)}" for k, v in f.evidence.items()),
+                f.advice,
             )
-        return (
-            f"<div class='twfix-report'><p>twfix doctor: kernel {esc(self.kernel)}</p>"
-            "<table><tr><th>severity</th><th>code</th><th>finding</th><th>evidence</th><th>advice</th></tr>"
-            + "".join(rows)
-            + "</table></div>"
-        )
+            for f in self.findings
+        ]
+        caption = f"twfix doctor: kernel {self.kernel or 'unknown'}, " + ("ok" if self.ok else f"worst: {self.worst}")
+        return table("twfix-report", caption, ("severity", "code", "finding", "evidence", "advice"), rows)
 
 
 def _short(value: object) -> str:

@@ -10,7 +10,6 @@ caller's namespace never changes. Writes happen only through ``twfix tune --appl
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from twfix import _twfix
+from twfix._html import table
 from twfix.errors import TwfixError, UnsupportedPlatformError
 
 __all__ = ["Sysctl", "SysctlTable", "SysctlUnavailableError", "get", "read", "validate"]
@@ -297,20 +297,17 @@ class SysctlTable(Mapping[str, Sysctl]):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        esc = html.escape
-        rows = "".join(
-            "<tr>"
-            f"<td><code>{esc(r.name)}</code></td>"
-            f"<td>{esc(_render(r.value)) if r.available else '<i>absent</i>'}</td>"
-            f"<td>{esc(_render(r.default)) if r.default is not None else ''}</td>"
-            f"<td>{esc(r.meaning)}</td><td>{esc(r.advice)}</td>"
-            "</tr>"
+        rows = [
+            (
+                r.name,
+                _render(r.value) if r.available else "(absent)",
+                _render(r.default) if r.default is not None else "",
+                r.meaning,
+                r.advice,
+            )
             for r in self._rows.values()
-        )
-        return (
-            "<table class='twfix-sysctl'><tr><th>name</th><th>value</th><th>default</th><th>meaning</th>"
-            f"<th>advice</th></tr>{rows}</table>"
-        )
+        ]
+        return table("twfix-sysctl", "kernel settings", ("name", "value", "default", "meaning", "advice"), rows)
 
 
 def _render(value: object) -> str:
