@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -111,14 +116,47 @@ def time_wait_pairs(server: socket.socket, count: int, *, server_closes: bool) -
         done += batch
 
 
+@functools.cache
+def unprivileged_python() -> tuple[str, str]:
+    """(interpreter, PYTHONPATH) that uid 65534 can use wherever the checkout and its venv live.
+
+    The venv's interpreter may sit behind a directory only root can enter (pyenv under /root), and the
+    checkout itself may be private, so twfix is copied to a world-readable temporary directory and the
+    first interpreter that can import it from there as uid 65534 is used.
+    """
+    import twfix
+
+    root = tempfile.mkdtemp(prefix="twfix-nobody-")
+    atexit.register(shutil.rmtree, root, True)
+    shutil.copytree(Path(twfix.__file__).parent, Path(root) / "twfix", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o755 if name.endswith(".so") else 0o644)
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(
+            [*_NOBODY, python, "-c", "import twfix"],
+            env=dict(os.environ, PYTHONPATH=root),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return python, root
+    raise RuntimeError("no Python interpreter can import twfix as uid 65534")
+
+
+_NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
 def run_unprivileged(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a Python snippet as uid/gid 65534 (nobody) in the current network namespace, with twfix importable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    python, path = unprivileged_python()
     return subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", script, *args],
+        [*_NOBODY, python, "-c", script, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=path),
         timeout=60,
         check=False,
     )

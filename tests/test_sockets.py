@@ -7,13 +7,12 @@ import errno
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
 import twfix
-from tests.conftest import NetNS, open_fds
+from tests.conftest import NetNS, open_fds, unprivileged_python
 
 SOL, REUSEADDR = socket.SOL_SOCKET, socket.SO_REUSEADDR
 REUSEPORT = socket.SO_REUSEPORT
@@ -241,23 +240,13 @@ _INTRUDER = textwrap.dedent(
 )
 
 
-def _run_intruder(port: int, send: socket.socket | None = None) -> dict[str, object]:
+def _run_intruder(port: int) -> dict[str, object]:
     """Run the intruder as uid 65534 in this namespace; feed datagrams whenever it manages to bind."""
     import json
 
+    python, _ = unprivileged_python()
     with subprocess.Popen(
-        [
-            "setpriv",
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            _INTRUDER,
-            str(port),
-        ],
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-c", _INTRUDER, str(port)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
