@@ -324,6 +324,10 @@ def _run_unreadable_case(empty_root: Path) -> None:
     codes = json.loads(proc.stdout)
     assert "CONF-UNREADABLE" in codes
     assert "CONF-TW-RECYCLE" not in codes
+    secret.chmod(0o644)  # fixed: now readable, so the finding goes and the file is checked
+    codes = json.loads(run_unprivileged(script, str(empty_root)).stdout)
+    assert "CONF-UNREADABLE" not in codes
+    assert "CONF-TW-RECYCLE" in codes
 
 
 def test_other_platforms_get_an_unavailable_finding(monkeypatch: pytest.MonkeyPatch) -> None:
