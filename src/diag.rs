@@ -397,17 +397,6 @@ fn netlink_recv_loop(
     }
 }
 
-fn netlink_dump(family: u8, proto: Proto, states: u32, filter: Filter, each: &mut impl FnMut(&Record)) -> Result<()> {
-    netlink_dump_raw(family, proto, states, filter, |payload| {
-        let rec = decode_diag_msg(payload)?;
-        // The kernel filters by state for TCP; UDP dumps ignore the mask on some kernels.
-        if rec.state < 32 && states & (1 << rec.state) != 0 {
-            each(&rec);
-        }
-        Ok(())
-    })
-}
-
 /// Count the messages of a dump without decoding them: the kernel's own cost, for benchmarks.
 pub fn netlink_discard(proto: Proto, states: u32, one_walk: bool) -> Result<u64> {
     let mut count = 0u64;
@@ -504,49 +493,7 @@ fn netlink_refused(e: &Error) -> bool {
             .contains(errno))
 }
 
-/// Stream every socket of `proto` in the given states (both families) through `each`.
-pub fn for_each(proto: Proto, states: u32, source: Source, each: impl FnMut(&Record)) -> Result<()> {
-    for_each_filtered(proto, states, source, Filter::All, each)
-}
-
-/// Like `for_each`, keeping only the sockets `filter` accepts (in the kernel when using netlink).
-pub fn for_each_filtered(
-    proto: Proto,
-    states: u32,
-    source: Source,
-    filter: Filter,
-    mut each: impl FnMut(&Record),
-) -> Result<()> {
-    for family in FAMILIES {
-        dump_family(family, proto, states, source, filter, &mut each)?;
-    }
-    Ok(())
-}
-
 const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
-
-/// One family from the chosen source; `Auto` falls back to /proc when netlink is refused.
-fn dump_family(
-    family: u8,
-    proto: Proto,
-    states: u32,
-    source: Source,
-    filter: Filter,
-    each: &mut impl FnMut(&Record),
-) -> Result<()> {
-    match source {
-        Source::Proc => proc_dump(family, proto, states, filter, each),
-        Source::Netlink => netlink_dump(family, proto, states, filter, each),
-        Source::Auto => {
-            // Nothing reaches `each` before the kernel accepted the request, so a refusal can
-            // fall back without reporting anything twice.
-            match netlink_dump(family, proto, states, filter, each) {
-                Err(e) if netlink_refused(&e) => proc_dump(family, proto, states, filter, each),
-                other => other,
-            }
-        }
-    }
-}
 
 /// What a producer thread hands to the consumer: raw netlink datagrams, or parsed /proc records.
 enum Chunk {
@@ -772,11 +719,11 @@ pub fn ephemeral_counts(
     let mut map: FastMap<UsageKey, (u64, u64)> = FastMap::default();
     // Connections accepted by a listener share its port and consume no ephemeral port.
     let mut listening: HashSet<u16> = HashSet::new();
-    for_each(proto, 1 << LISTEN, source, |r| {
+    stream(proto, 1 << LISTEN, source, Filter::All, |r| {
         listening.insert(r.sport);
     })?;
     let states = !(1u32 << LISTEN);
-    for_each(proto, states, source, |r| {
+    stream(proto, states, source, Filter::All, |r| {
         if r.sport < lo || r.sport > hi || r.dport == 0 || listening.contains(&r.sport) {
             return;
         }

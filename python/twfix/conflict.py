@@ -128,29 +128,20 @@ def _fmt(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _read_proc_sys(name: str) -> str | None:
-    try:
-        with open("/proc/sys/" + name.replace(".", "/")) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _port_settings() -> tuple[tuple[int, int] | None, list[tuple[int, int]], int]:
     """(ephemeral range, reserved ranges, ip_unprivileged_port_start) of the caller's namespace."""
-    rng = _read_proc_sys("net.ipv4.ip_local_port_range")
-    ephemeral = None
-    if rng:
-        parts = rng.split()
-        if len(parts) == 2 and all(p.isdigit() for p in parts):
-            ephemeral = (int(parts[0]), int(parts[1]))
-    reserved: list[tuple[int, int]] = []
-    for chunk in (_read_proc_sys("net.ipv4.ip_local_reserved_ports") or "").split(","):
-        lo, _, hi = chunk.strip().partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            reserved.append((int(lo), int(hi or lo)))
-    start = _read_proc_sys("net.ipv4.ip_unprivileged_port_start")
-    return ephemeral, reserved, int(start) if start and start.isdigit() else 1024
+    from twfix import sysctl
+    from twfix.diag import port_range
+
+    try:
+        ephemeral, reserved = port_range()
+    except (OSError, LookupError, ValueError):
+        ephemeral, reserved = None, []
+    try:
+        start = sysctl.get("net.ipv4.ip_unprivileged_port_start")
+    except (OSError, LookupError):
+        start = 1024
+    return ephemeral, reserved, start if isinstance(start, int) else 1024
 
 
 def _probe(kind: str, family: int, ip: str, port: int, flags: int) -> int:

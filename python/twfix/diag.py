@@ -379,27 +379,29 @@ class EphemeralUsage(NamedTuple):
     headroom: int
 
 
-def _port_range() -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    def read(name: str) -> str:
-        with open(f"/proc/sys/net/ipv4/{name}") as f:
-            return f.read().strip()
+def port_range() -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The ephemeral range and the reserved port ranges of this network namespace."""
+    from twfix import sysctl
 
-    lo, hi = (int(x) for x in read("ip_local_port_range").split())
-    reserved = []
-    for chunk in read("ip_local_reserved_ports").split(","):
-        a, _, b = chunk.strip().partition("-")
-        if a.isdigit():
-            reserved.append((int(a), int(b) if b.isdigit() else int(a)))
-    return (lo, hi), reserved
+    rng = sysctl.get("net.ipv4.ip_local_port_range")
+    reserved = sysctl.get("net.ipv4.ip_local_reserved_ports")
+    if not (isinstance(rng, tuple) and len(rng) == 2):
+        raise ValueError(f"unexpected net.ipv4.ip_local_port_range value {rng!r}")
+    ranges = [(int(a), int(b)) for a, b in reserved] if isinstance(reserved, list) else []
+    return (int(rng[0]), int(rng[1])), ranges
+
+
+def usable_ports(lo: int, hi: int, reserved: list[tuple[int, int]]) -> int:
+    """Size of the ephemeral range minus the reserved ports inside it."""
+    return hi - lo + 1 - sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in reserved)
 
 
 def ephemeral_usage() -> list[EphemeralUsage]:
     """Per destination (local ip, remote ip, remote port): ephemeral ports in use and in TIME-WAIT,
     against the usable range (ip_local_port_range minus ip_local_reserved_ports), busiest first."""
     _require_linux()
-    (lo, hi), reserved = _port_range()
-    inside = sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in reserved)
-    capacity = hi - lo + 1 - inside
+    (lo, hi), reserved = port_range()
+    capacity = usable_ports(lo, hi, reserved)
     rows = _twfix.ephemeral_usage(lo, hi, [(a, b) for a, b in reserved if a <= 65535 and b <= 65535], "auto")
     return [
         EphemeralUsage(local, remote, rport, used, tw, capacity, capacity - used - tw)

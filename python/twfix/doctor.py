@@ -272,11 +272,13 @@ def _ephemeral_range(host: _Host) -> Iterator[Finding]:
     rng = host.knob("net.ipv4.ip_local_port_range")
     if not rng:
         return
+    from twfix.diag import usable_ports
+
     lo, hi = rng
     size = hi - lo + 1
     reserved = host.knob("net.ipv4.ip_local_reserved_ports") or []
-    inside = sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in reserved)
-    usable = size - inside
+    usable = usable_ports(lo, hi, reserved)
+    inside = size - usable
     evidence = {"ip_local_port_range": f"{lo} {hi}", "size": size, "reserved_inside": inside, "usable": usable}
     if usable < 10000:
         yield Finding(
