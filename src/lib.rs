@@ -1,12 +1,14 @@
 //! Native core of twfix: syscalls, netlink, /proc parsing and aggregation.
 //!
 //! The Python package `twfix` owns the public API; this module stays small and primitive-typed.
+//! twfix is Linux-only: sock_diag, /proc/net, /proc/sys and network namespaces are Linux interfaces.
 
-#[cfg(target_os = "linux")]
+#[cfg(not(target_os = "linux"))]
+compile_error!("twfix supports Linux only (it reads sock_diag, /proc/net and /proc/sys)");
+
 pub mod diag;
 pub mod errors;
 pub mod sockets;
-#[cfg(target_os = "linux")]
 pub mod sysctl;
 
 use pyo3::prelude::*;
@@ -15,17 +17,14 @@ use pyo3::prelude::*;
 mod _twfix {
     use super::*;
 
-    #[cfg(unix)]
     #[pymodule_export]
     use crate::sockets::{bind_socket, make_reusable};
 
-    #[cfg(target_os = "linux")]
     #[pymodule_export]
-    use crate::diag::{dump_entries, ephemeral_usage, py_netlink_discard, socket_owners, summarize};
+    use crate::diag::py::{dump_entries, netlink_discard, snapshot, socket_owners};
 
-    #[cfg(target_os = "linux")]
     #[pymodule_export]
-    use crate::sysctl::{read_sysctls, sysctl_path, write_sysctl};
+    use crate::sysctl::{read_sysctls, sysctl_key, write_sysctl};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -35,7 +34,6 @@ mod _twfix {
         m.add("F_V6ONLY", sockets::V6ONLY)?;
         m.add("F_DUALSTACK", sockets::DUALSTACK)?;
         m.add("F_BIND_NO_PORT", sockets::BIND_NO_PORT)?;
-        m.add("F_EXCLUSIVE", sockets::EXCLUSIVE)?;
         m.add("F_NO_BIND", sockets::NO_BIND)?;
         Ok(())
     }

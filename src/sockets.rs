@@ -17,9 +17,8 @@ pub const REUSE_PORT: u32 = 1 << 1;
 pub const V6ONLY: u32 = 1 << 2;
 pub const DUALSTACK: u32 = 1 << 3;
 pub const BIND_NO_PORT: u32 = 1 << 4;
-pub const EXCLUSIVE: u32 = 1 << 5;
-pub const NO_BIND: u32 = 1 << 6;
-const ALL_FLAGS: u32 = (1 << 7) - 1;
+pub const NO_BIND: u32 = 1 << 5;
+const ALL_FLAGS: u32 = (1 << 6) - 1;
 
 /// What the Python layer asks for, already validated there; validated again here so that no
 /// input can make the native side misbehave.
@@ -51,33 +50,6 @@ fn describe(addr: &SocketAddr) -> String {
     addr.to_string()
 }
 
-fn setopt_int(sock: &Socket, level: i32, name: i32, value: i32, what: &str) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        let v: libc::c_int = value;
-        // SAFETY: the fd is valid for the lifetime of `sock`; the option value is a c_int on the stack.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                level,
-                name,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::last_os(format!("setsockopt({what})")));
-        }
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (sock, level, name, value);
-        Err(Error::Unsupported(format!("setsockopt({what}) is not supported on this platform")))
-    }
-}
-
 /// Apply the reuse options of `flags` to an existing socket.
 pub fn apply_flags(sock: &Socket, family: i32, flags: u32) -> Result<()> {
     if flags & !ALL_FLAGS != 0 {
@@ -86,24 +58,15 @@ pub fn apply_flags(sock: &Socket, family: i32, flags: u32) -> Result<()> {
     if family == libc::AF_INET6 && flags & (V6ONLY | DUALSTACK) != 0 {
         sock.set_only_v6(flags & DUALSTACK == 0).map_err(|e| Error::os(e, "setsockopt(IPV6_V6ONLY)"))?;
     }
-    if flags & EXCLUSIVE != 0 {
-        #[cfg(windows)]
-        {
-            // SO_EXCLUSIVEADDRUSE = ~SO_REUSEADDR on Winsock.
-            setopt_int(sock, 0xffff, !0x0004, 1, "SO_EXCLUSIVEADDRUSE")?;
-        }
-    } else if flags & REUSE_ADDR != 0 {
+    if flags & REUSE_ADDR != 0 {
         sock.set_reuse_address(true).map_err(|e| Error::os(e, "setsockopt(SO_REUSEADDR)"))?;
     }
     if flags & REUSE_PORT != 0 {
-        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
         sock.set_reuse_port(true).map_err(|e| Error::os(e, "setsockopt(SO_REUSEPORT)"))?;
-        #[cfg(not(all(unix, not(target_os = "solaris"), not(target_os = "illumos"))))]
-        return Err(Error::Unsupported("SO_REUSEPORT is not available on this platform".into()));
     }
     if flags & BIND_NO_PORT != 0 {
-        #[cfg(target_os = "linux")]
-        setopt_int(sock, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1, "IP_BIND_ADDRESS_NO_PORT")?;
+        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(|e| Error::Os { errno: e as i32, what: "setsockopt(IP_BIND_ADDRESS_NO_PORT)".into() })?;
     }
     Ok(())
 }
@@ -149,7 +112,6 @@ pub fn configure(sock: &Socket, req: &Request<'_>) -> Result<()> {
 }
 
 /// Borrow a descriptor owned by a live Python socket object without taking ownership.
-#[cfg(unix)]
 fn with_borrowed<T>(fd: i32, f: impl FnOnce(&Socket) -> Result<T>) -> Result<T> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     if fd < 0 {
@@ -165,7 +127,6 @@ fn with_borrowed<T>(fd: i32, f: impl FnOnce(&Socket) -> Result<T>) -> Result<T> 
 
 /// Native entry point: configure and bind the socket behind `fd` (owned by the caller, who closes it
 /// on error).
-#[cfg(unix)]
 #[pyfunction]
 #[pyo3(signature = (fd, family, sotype, ip, port, scope_id, flags, backlog, multicast_group=None))]
 #[allow(clippy::too_many_arguments)]
@@ -187,7 +148,6 @@ pub fn bind_socket(
 
 /// Apply reuse flags to a socket that is not bound yet.
 /// Raises ValueError naming the address when the socket is already bound.
-#[cfg(unix)]
 #[pyfunction]
 pub fn make_reusable(fd: i32, flags: u32) -> PyResult<()> {
     with_borrowed(fd, |sock| {

@@ -20,9 +20,10 @@ fn segment_ok(seg: &str) -> bool {
         && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'+'))
 }
 
-/// Validate a dotted (`net.ipv4.tcp_tw_reuse`) or slashed (`net/ipv4/tcp_tw_reuse`) name and return
-/// its path relative to /proc/sys. Dots inside a slashed name belong to the segment (interface names).
-pub fn relative_path(name: &str) -> Result<String> {
+/// Split a name into its /proc/sys path segments, the way sysctl(8) reads names: the first separator
+/// decides. `net.ipv4.conf.eth0/100.rp_filter` (dotted, with `/` standing for a dot inside a segment)
+/// and `net/ipv4/conf/eth0.100/rp_filter` (slashed) both name the knob of interface `eth0.100`.
+pub fn segments(name: &str) -> Result<Vec<String>> {
     let invalid = |why: &str| Error::Invalid(format!("invalid sysctl name {:?}: {why}", truncate(name)));
     if name.is_empty() {
         return Err(invalid("empty"));
@@ -36,19 +37,35 @@ pub fn relative_path(name: &str) -> Result<String> {
     if name.starts_with('/') || name.starts_with('.') {
         return Err(invalid("must be relative to /proc/sys (no leading '/' or '.')"));
     }
-    let segments: Vec<&str> = if name.contains('/') { name.split('/').collect() } else { name.split('.').collect() };
-    for seg in &segments {
+    let dotted = name.find(['.', '/']).is_none_or(|at| name.as_bytes()[at] == b'.');
+    let parts: Vec<String> = if dotted {
+        name.split('.').map(|s| s.replace('/', ".")).collect()
+    } else {
+        name.split('/').map(str::to_owned).collect()
+    };
+    for seg in &parts {
         if seg.is_empty() {
             return Err(invalid("empty segment"));
         }
-        if *seg == "." || *seg == ".." {
+        if seg == "." || seg == ".." {
             return Err(invalid("'.' and '..' are not allowed"));
         }
         if !segment_ok(seg) {
             return Err(invalid("only letters, digits and _-.:@+ are allowed"));
         }
     }
-    Ok(segments.join("/"))
+    Ok(parts)
+}
+
+/// The path of a name relative to /proc/sys.
+pub fn relative_path(name: &str) -> Result<String> {
+    Ok(segments(name)?.join("/"))
+}
+
+/// The canonical dotted key of a name (sysctl(8)'s form): segments joined by '.', a dot inside a
+/// segment written as '/'. `key(key(n)) == key(n)`, and both name the same path.
+pub fn key(name: &str) -> Result<String> {
+    Ok(segments(name)?.iter().map(|s| s.replace('.', "/")).collect::<Vec<_>>().join("."))
 }
 
 fn truncate(s: &str) -> String {
@@ -136,14 +153,18 @@ pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Option
     }
 }
 
+/// (canonical key, raw value or None when absent) for each name, read in `netns` when given.
 #[pyfunction]
 #[pyo3(signature = (names, netns=None))]
-pub fn read_sysctls(py: Python<'_>, names: Vec<String>, netns: Option<String>) -> PyResult<Vec<Option<String>>> {
+pub fn read_sysctls(
+    py: Python<'_>,
+    names: Vec<String>,
+    netns: Option<String>,
+) -> PyResult<Vec<(String, Option<String>)>> {
     // Validate up front so bad names fail before any namespace switch.
-    for n in &names {
-        relative_path(n)?;
-    }
-    Ok(py.detach(|| read_many(names, netns))?)
+    let keys = names.iter().map(|n| key(n)).collect::<Result<Vec<_>>>()?;
+    let values = py.detach(|| read_many(names, netns))?;
+    Ok(keys.into_iter().zip(values).collect())
 }
 
 /// Write one knob in the caller's namespace; returns the previous raw value.
@@ -153,10 +174,10 @@ pub fn write_sysctl(py: Python<'_>, name: String, value: String) -> PyResult<Opt
     Ok(py.detach(move || write_one(&name, &value))?)
 }
 
-/// The /proc/sys-relative path of a name (validation only).
+/// (canonical dotted key, /proc/sys path) of a name; raises ValueError for a hostile one.
 #[pyfunction]
-pub fn sysctl_path(name: &str) -> PyResult<String> {
-    Ok(format!("{ROOT}/{}", relative_path(name)?))
+pub fn sysctl_key(name: &str) -> PyResult<(String, String)> {
+    Ok((key(name)?, format!("{ROOT}/{}", relative_path(name)?)))
 }
 
 #[cfg(test)]
@@ -169,6 +190,9 @@ mod tests {
         assert_eq!(relative_path("net.ipv4.tcp_tw_reuse").expect("ok"), "net/ipv4/tcp_tw_reuse");
         assert_eq!(relative_path("net/ipv4/tcp_tw_reuse").expect("ok"), "net/ipv4/tcp_tw_reuse");
         assert_eq!(relative_path("net/ipv4/conf/eth0.100/rp_filter").expect("ok"), "net/ipv4/conf/eth0.100/rp_filter");
+        assert_eq!(relative_path("net.ipv4.conf.eth0/100.rp_filter").expect("ok"), "net/ipv4/conf/eth0.100/rp_filter");
+        assert_eq!(key("net/ipv4/conf/eth0.100/rp_filter").expect("ok"), "net.ipv4.conf.eth0/100.rp_filter");
+        assert_eq!(key("net.ipv4.tcp_tw_reuse").expect("ok"), "net.ipv4.tcp_tw_reuse");
     }
 
     #[test]
@@ -204,6 +228,14 @@ mod tests {
             if let Ok(rel) = relative_path(&name) {
                 prop_assert!(!rel.starts_with('/'));
                 prop_assert!(rel.split('/').all(|s| !s.is_empty() && s != "." && s != ".."));
+            }
+        }
+
+        #[test]
+        fn keys_are_canonical(name in "[a-z0-9_./]{1,40}") {
+            if let Ok(k) = key(&name) {
+                prop_assert_eq!(key(&k).expect("a key is a valid name"), k.clone());
+                prop_assert_eq!(relative_path(&k).expect("valid"), relative_path(&name).expect("valid"));
             }
         }
 

@@ -7,7 +7,6 @@ import errno
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -328,19 +327,6 @@ def _run_unreadable_case(empty_root: Path) -> None:
     codes = json.loads(run_unprivileged(script, str(empty_root)).stdout)
     assert "CONF-UNREADABLE" not in codes
     assert "CONF-TW-RECYCLE" in codes
-
-
-def test_other_platforms_get_an_unavailable_finding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "darwin")
-    report = twfix.doctor()
-    assert [f.code for f in report.findings] == ["PLATFORM"]
-    assert "unavailable" in report.findings[0].title
-    with pytest.raises(twfix.UnsupportedPlatformError):
-        twfix.sockets()
-    with pytest.raises(twfix.UnsupportedPlatformError):
-        twfix.sysctl.get("net.ipv4.tcp_tw_reuse")
-    with pytest.raises(twfix.UnsupportedPlatformError):
-        twfix.explain(80)
 
 
 def test_server_side_time_wait_is_not_outgoing_traffic(netns: NetNS, empty_root: Path) -> None:

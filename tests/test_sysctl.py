@@ -189,7 +189,33 @@ def test_renderings_escape_hostile_text() -> None:
 
 
 def test_native_surface() -> None:
-    assert _twfix.sysctl_path("net.ipv4.tcp_tw_reuse") == "/proc/sys/net/ipv4/tcp_tw_reuse"
-    assert _twfix.read_sysctls(["net.ipv4.tcp_tw_recycle"]) == [None]
+    assert _twfix.sysctl_key("net/ipv4/tcp_tw_reuse") == ("net.ipv4.tcp_tw_reuse", "/proc/sys/net/ipv4/tcp_tw_reuse")
+    assert _twfix.read_sysctls(["net/ipv4/tcp_tw_recycle"]) == [("net.ipv4.tcp_tw_recycle", None)]
     with pytest.raises(ValueError, match="sysctl name"):
         _twfix.write_sysctl("../x", "1")
+
+
+def test_names_with_a_dot_inside_a_segment_read_the_same_knob(netns: NetNS) -> None:
+    """Regression: read() lost the dot of `veth.100` on its way to Rust and back, and called the knob absent."""
+    subprocess.run(["ip", "link", "add", "name", "veth.100", "type", "veth", "peer", "name", "p0"], check=True)
+    slashed = "net/ipv4/conf/veth.100/rp_filter"
+    dotted = "net.ipv4.conf.veth/100.rp_filter"  # sysctl(8)'s spelling of the same knob
+    expected = int(witness(dotted))
+    assert sysctl.get(slashed) == sysctl.get(dotted) == expected
+    table = sysctl.read([slashed, dotted])
+    assert list(table) == [dotted]  # one canonical key
+    assert table[dotted].available
+    assert table[dotted].value == expected
+
+
+def test_port_range_is_the_one_rule(netns: NetNS) -> None:
+    netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40009")
+    netns.write_sysctl("net.ipv4.ip_local_reserved_ports", "40002-40003,40003,50000")
+    ports = sysctl.port_range()
+    assert (ports.low, ports.high, ports.size, ports.reserved_inside, ports.usable) == (40000, 40009, 10, 2, 8)
+    assert [ports.assigns(p) for p in (40000, 40002, 50000)] == [True, False, False]
+    assert (ports.is_reserved(50000), ports.contains(50000)) == (True, False)
+    bits = ports.port_set()
+    assert [p for p in range(65536) if bits[p >> 3] >> (p & 7) & 1] == [
+        p for p in range(40000, 40010) if ports.assigns(p)
+    ]

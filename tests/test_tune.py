@@ -48,6 +48,24 @@ def test_plan_and_write(netns: NetNS, empty_root: Path, tmp_path: Path) -> None:
         tune.write(plan, tmp_path)
 
 
+def test_every_listener_inside_the_range_is_reserved(netns: NetNS, empty_root: Path) -> None:
+    """Regression: tune reserved only the first 50 ports, taken from the doctor's shortened display."""
+    assert netns.read_sysctl("net.ipv4.ip_local_port_range").split() == ["32768", "60999"]
+    listeners = [twfix.reusable_tcp_server(40100 + i, "127.0.0.1") for i in range(60)]
+    try:
+        report = twfix.doctor(root=empty_root)
+        (finding,) = report.by_code("LISTEN-IN-EPHEMERAL")
+        assert finding.evidence["ports"] == list(range(40100, 40160))
+        changes = {c.name: c for c in tune.plan(root=empty_root).changes}
+        reserved = changes["net.ipv4.ip_local_reserved_ports"]
+        assert reserved.before == []
+        assert reserved.after == [(p, p) for p in range(40100, 40160)]
+        assert "net.ipv4.ip_local_port_range" not in changes  # nothing to change there: never a no-op change
+    finally:
+        for s in listeners:
+            s.close()
+
+
 def test_apply_sets_values_in_this_namespace(netns: NetNS, empty_root: Path) -> None:
     netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
     changes = tune.apply(tune.plan(root=empty_root))

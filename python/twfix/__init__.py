@@ -6,6 +6,13 @@ return ordinary :class:`socket.socket` objects, and with ``twfix doctor`` on the
 
 from __future__ import annotations
 
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):  # pragma: no cover - CI is Linux; the crate builds only there
+    raise ImportError(
+        f"twfix supports Linux only (it reads sock_diag, /proc/net and /proc/sys); this is {_sys.platform}"
+    )
+
 from twfix import sysctl, tune
 from twfix._twfix import __version__
 from twfix.conflict import Explanation, explain

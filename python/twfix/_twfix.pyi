@@ -5,7 +5,6 @@ from typing import Any
 __all__ = [
     "F_BIND_NO_PORT",
     "F_DUALSTACK",
-    "F_EXCLUSIVE",
     "F_NO_BIND",
     "F_REUSE_ADDR",
     "F_REUSE_PORT",
@@ -13,13 +12,12 @@ __all__ = [
     "__version__",
     "bind_socket",
     "dump_entries",
-    "ephemeral_usage",
     "make_reusable",
     "netlink_discard",
     "read_sysctls",
+    "snapshot",
     "socket_owners",
-    "summarize",
-    "sysctl_path",
+    "sysctl_key",
     "write_sysctl",
 ]
 __version__: str
@@ -29,7 +27,6 @@ F_REUSE_PORT: int
 F_V6ONLY: int
 F_DUALSTACK: int
 F_BIND_NO_PORT: int
-F_EXCLUSIVE: int
 F_NO_BIND: int
 
 def bind_socket(
@@ -45,7 +42,7 @@ def bind_socket(
 ) -> None: ...
 def make_reusable(fd: int, flags: int) -> None: ...
 
-# Socket table (Linux only).
+# Socket table.
 def dump_entries(
     proto: str,
     states: int,
@@ -56,22 +53,23 @@ def dump_entries(
     families: list[Any],
     state_objs: list[Any],
 ) -> list[Any]: ...
-def summarize(
-    proto: str, states: int, top: int, source: str = "auto"
+def snapshot(
+    proto: str, top: int, ephemeral: bytes, source: str = "auto"
 ) -> tuple[
     int,
     list[tuple[int, int]],
     list[tuple[int, int, int]],
     list[tuple[int, int, str, int, int]],
     list[int],
+    int,
+    list[tuple[int, str, int, int, int, bool | None]],
+    list[tuple[int, str, str, int, int, int]],
+    bool,
 ]: ...
-def ephemeral_usage(
-    lo: int, hi: int, reserved: list[tuple[int, int]], source: str = "auto"
-) -> list[tuple[int, str, str, int, int, int]]: ...
 def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int]], int]: ...
 def netlink_discard(proto: str, states: int, one_walk: bool = False) -> int: ...
 
-# Sysctls (Linux only): raw text values, None for knobs the running kernel lacks.
-def read_sysctls(names: list[str], netns: str | None = None) -> list[str | None]: ...
+# Sysctls: (canonical key, raw text or None for knobs the running kernel lacks).
+def read_sysctls(names: list[str], netns: str | None = None) -> list[tuple[str, str | None]]: ...
 def write_sysctl(name: str, value: str) -> str | None: ...
-def sysctl_path(name: str) -> str: ...
+def sysctl_key(name: str) -> tuple[str, str]: ...

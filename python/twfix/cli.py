@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import twfix
+from twfix import diag, sysctl, tune
+from twfix.conflict import explain
+from twfix.doctor import Severity, doctor
 from twfix.errors import TwfixError
 
 
@@ -84,8 +87,6 @@ def _dump(data: Any, out: TextIO) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix.doctor import Severity, doctor
-
     report = doctor(root=args.root)
     if args.json:
         _dump(report.to_dict(), out)
@@ -95,8 +96,6 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix import sysctl
-
     table = sysctl.read(args.names or None)
     if args.json:
         _dump(table.to_dict(), out)
@@ -106,8 +105,6 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix import tune
-
     plan = tune.plan(root=args.root)
     if args.write:
         written = tune.write(plan, args.write)
@@ -124,22 +121,18 @@ def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix import diag
-
     entries = diag.sockets("udp" if args.udp else "tcp", states=args.state, port=args.port)
     if args.json:
         _dump([e.to_dict() for e in entries], out)
         return 0
     for e in entries:
-        raddr = f"{e.raddr.ip}:{e.raddr.port}" if e.raddr else "*"
+        raddr = str(e.raddr) if e.raddr else "*"
         expires = f" {e.expires:.1f}s" if e.expires is not None else ""
-        out.write(f"{e.state:<13} {e.laddr.ip}:{e.laddr.port:<6} {raddr:<28} uid={e.uid}{expires}\n")
+        out.write(f"{e.state:<13} {e.laddr!s:<28} {raddr:<28} uid={e.uid}{expires}\n")
     return 0
 
 
 def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix import diag
-
     holders = diag.who_holds(args.port, kind="udp" if args.udp else "tcp")
     if args.json:
         _dump(holders.to_dict(), out)
@@ -149,8 +142,6 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
-    from twfix.conflict import explain
-
     explanation = explain(args.port, args.host, kind="udp" if args.udp else "tcp")
     if args.json:
         _dump(explanation.to_dict(), out)

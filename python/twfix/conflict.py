@@ -19,38 +19,20 @@ import errno
 import json
 import os
 import socket
-import sys
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from twfix import _twfix
+from twfix import _twfix, sysctl
+from twfix._args import check_host, check_kind, check_port, resolve
 from twfix._html import SEVERITY_COLOURS, table
-from twfix.errors import AddressInUseError, UnsupportedPlatformError
+from twfix.diag import SocketEntry, TcpState, format_endpoint, holders_of, port_entries
+from twfix.errors import AddressInUseError
+from twfix.sysctl import PortRange
 
-if TYPE_CHECKING:
-    from twfix.diag import SocketEntry
-
-__all__ = ["Explanation", "Holder", "explain"]
+__all__ = ["Explanation", "Holder", "address_in_use", "explain"]
 
 Kind = Literal["tcp", "udp"]
 _KINDS: Final = ("tcp", "udp")
-_TIME_WAIT: Final = 6
-_LISTEN: Final = 10
-_STATE_NAMES: Final = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-    13: "BOUND_INACTIVE",
-}
 
 
 @dataclass(frozen=True)
@@ -69,8 +51,8 @@ class Holder:
         who = f"pid {self.pid} ({self.name})" if self.pid is not None else "an unknown process"
         if self.pid is None and self.uid is not None:
             who += f" of uid {self.uid}"
-        peer = f" to {_fmt(*self.raddr)}" if self.raddr else ""
-        return f"{self.state} {_fmt(*self.laddr)}{peer}, held by {who}"
+        peer = f" to {format_endpoint(*self.raddr)}" if self.raddr else ""
+        return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
 
 
 @dataclass(frozen=True)
@@ -124,24 +106,17 @@ class Explanation:
         )
 
 
-def _fmt(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _port_settings() -> tuple[tuple[int, int] | None, list[tuple[int, int]], int]:
-    """(ephemeral range, reserved ranges, ip_unprivileged_port_start) of the caller's namespace."""
-    from twfix import sysctl
-    from twfix.diag import port_range
-
+def _port_settings() -> tuple[PortRange | None, int]:
+    """(ephemeral ports, ip_unprivileged_port_start) of the caller's namespace; None where unreadable."""
     try:
-        ephemeral, reserved = port_range()
+        ports: PortRange | None = sysctl.port_range()
     except (OSError, LookupError, ValueError):
-        ephemeral, reserved = None, []
+        ports = None
     try:
         start = sysctl.get("net.ipv4.ip_unprivileged_port_start")
     except (OSError, LookupError):
         start = 1024
-    return ephemeral, reserved, start if isinstance(start, int) else 1024
+    return ports, start if isinstance(start, int) else 1024
 
 
 def _probe(kind: str, family: int, ip: str, port: int, flags: int) -> int:
@@ -179,12 +154,10 @@ def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
 
 def _owners(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Holder], str | None]:
     """Live (non-TIME-WAIT) sockets as holders with their owning processes."""
-    from twfix.diag import holders_of
-
     found = holders_of(entries, port, kind)
     out = [
         Holder(
-            "UNCONN" if kind == "udp" and h.state.number == 7 else _STATE_NAMES.get(h.state.number, str(h.state)),
+            "UNCONN" if kind == "udp" and h.state == TcpState.CLOSE else str(h.state),
             (h.laddr.ip, h.laddr.port),
             (h.raddr.ip, h.raddr.port) if h.raddr else None,
             h.uid,
@@ -199,16 +172,16 @@ def _owners(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Hold
 
 def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags: int) -> Explanation:
     address = (ip, port)
-    where = f"{_fmt(ip, port)}/{kind}"
+    where = f"{format_endpoint(ip, port)}/{kind}"
     if port == 0:
         return Explanation(
             kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True, advice=()
         )
     plain = _probe(kind, family, ip, port, 0)
     reuse = _probe(kind, family, ip, port, reuse_flags)
-    ephemeral, reserved_ranges, unpriv = _port_settings()
-    in_range = ephemeral is not None and ephemeral[0] <= port <= ephemeral[1]
-    reserved = any(lo <= port <= hi for lo, hi in reserved_ranges)
+    ephemeral, unpriv = _port_settings()
+    in_range = ephemeral is not None and ephemeral.contains(port)
+    reserved = ephemeral is not None and ephemeral.is_reserved(port)
     privileged = port < unpriv
     reasons: list[str] = []
     advice: list[str] = []
@@ -236,11 +209,9 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
             advice=("bind an address that is configured on an interface, or the wildcard",),
         )
 
-    from twfix.diag import port_entries
-
     rows = [e for e in port_entries(kind, port) if _overlaps(family, ip, e.family, e.laddr.ip)]
-    tw_rows = [e for e in rows if e.state.number == _TIME_WAIT]
-    live_rows = [e for e in rows if e.state.number != _TIME_WAIT]
+    tw_rows = [e for e in rows if e.state == TcpState.TIME_WAIT]
+    live_rows = [e for e in rows if e.state != TcpState.TIME_WAIT]
     live: list[Holder] = []
     incomplete = None
     if live_rows:
@@ -261,7 +232,7 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
             reasons.append(f"{len(tw_rows)} TIME-WAIT socket(s) remain on the port but do not block this bind")
     elif listeners:
         first = listeners[0]
-        overlap = "" if first.laddr[0] == ip else f" (overlapping {_fmt(*first.laddr)})"
+        overlap = "" if first.laddr[0] == ip else f" (overlapping {format_endpoint(*first.laddr)})"
         verdict = f"{where} is in use by a live {'listener' if kind == 'tcp' else 'socket'}{overlap}: " + (
             f"pid {first.pid} ({first.name})" if first.pid is not None else "its owner could not be seen"
         )
@@ -269,8 +240,8 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
             reasons.append(h.describe())
         if first.laddr[0] != ip:
             reasons.append(
-                f"{_fmt(*first.laddr)} overlaps {_fmt(ip, port)}: a wildcard address covers every address of its "
-                "family, and Linux refuses the overlap even with SO_REUSEADDR"
+                f"{format_endpoint(*first.laddr)} overlaps {format_endpoint(ip, port)}: a wildcard address covers "
+                "every address of its family, and Linux refuses the overlap even with SO_REUSEADDR"
             )
         if reuse == 0:
             reasons.append(f"the holder set {opt} as well (same user), so a bind with {opt} shares the port")
@@ -305,10 +276,10 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
             )
     elif others:
         first = others[0]
-        if in_range and not reserved and first.raddr is not None:
+        if ephemeral is not None and ephemeral.assigns(port) and first.raddr is not None:
             verdict = (
                 f"{where} is held by a connection that took it from the ephemeral range "
-                f"{ephemeral[0]}-{ephemeral[1]}"  # type: ignore[index]
+                f"{ephemeral.low}-{ephemeral.high}"
             )
             advice.append(
                 "keep service ports outside net.ipv4.ip_local_port_range, or list them in "
@@ -326,7 +297,7 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
 
     if kind == "tcp" and reuse == 0 and plain != 0 and not listeners and not tw_rows:
         advice.append("a bind with SO_REUSEADDR succeeds now (twfix.reusable_tcp_server)")
-    if in_range and not reserved and plain != 0:
+    if ephemeral is not None and ephemeral.assigns(port) and plain != 0:
         reasons.append(f"port {port} lies inside the ephemeral range, where outgoing connections may take it")
     if reserved:
         reasons.append(f"port {port} is in ip_local_reserved_ports: only automatic assignment skips it")
@@ -352,11 +323,6 @@ def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags:
     )
 
 
-def _require_linux() -> None:
-    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_entries"):
-        raise UnsupportedPlatformError("twfix.explain() reads the Linux socket table and is available on Linux only")
-
-
 def explain(port: int, host: str = "", kind: str = "tcp") -> Explanation:
     """Explain whether binding ``host:port`` would succeed now, with and without reuse options, and why.
 
@@ -365,15 +331,11 @@ def explain(port: int, host: str = "", kind: str = "tcp") -> Explanation:
         host: the local address or name ("" for the IPv4 wildcard).
         kind: ``"tcp"`` or ``"udp"``.
     """
-    from twfix.reusable import _check_host, _check_port, _resolve
-
-    port = _check_port(port)
-    host = _check_host(host)
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be 'tcp' or 'udp', got {kind!r}")
-    _require_linux()
+    port = check_port(port)
+    host = check_host(host)
+    kind = check_kind(kind, _KINDS)
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
-    family, ip, _scope = _resolve(host, port, None, sotype)
+    family, ip, _scope = resolve(host, port, None, sotype)
     return _analyse(kind, host, family, ip, port, _reuse_flags(kind))
 
 
@@ -385,13 +347,12 @@ def address_in_use(
     exc: OSError, *, protocol: str, host: str, ip: str, port: int, family: int, flags: int
 ) -> AddressInUseError:
     """The explained error for a constructor whose bind or listen failed with EADDRINUSE."""
-    where = f"{_fmt(ip, port)}/{protocol}"
+    where = f"{format_endpoint(ip, port)}/{protocol}"
     asked = f" (host {host!r})" if host not in ("", ip) else ""
     explanation: Explanation | None = None
     try:
-        _require_linux()
         explanation = _analyse(protocol, host, family, ip, port, flags or _reuse_flags(protocol))
-    except (OSError, UnsupportedPlatformError):
+    except OSError:
         explanation = None
     if explanation is None or explanation.can_bind:
         # Nothing to add (or the holder left meanwhile): keep the kernel's word.

@@ -10,24 +10,31 @@ from __future__ import annotations
 import enum
 import json
 import socket
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from twfix import _twfix
+from twfix import _twfix, sysctl
+from twfix._args import check_count, check_kind, check_port
 from twfix._html import table
-from twfix.errors import UnsupportedPlatformError
+from twfix.sysctl import PortRange
 
 __all__ = [
     "Addr",
     "EphemeralUsage",
     "Holders",
+    "Listener",
     "PortHolder",
+    "Process",
     "SocketEntry",
     "SocketSummary",
+    "TableSnapshot",
     "TcpState",
     "ephemeral_usage",
+    "format_endpoint",
+    "holders_of",
+    "port_entries",
+    "snapshot",
     "sockets",
     "summary",
     "who_holds",
@@ -60,6 +67,7 @@ class TcpState(enum.StrEnum):
         return _BY_NUMBER[n]
 
 
+# The one table of state names and numbers (include/net/tcp_states.h): enum order is kernel order.
 _NUMBER: Final = {s: i for i, s in enumerate(TcpState, 1)}
 _BY_NUMBER: Final = {i: s for s, i in _NUMBER.items()}
 _ALL_STATES: Final = 0xFFFFFFFF
@@ -70,9 +78,19 @@ class Addr(NamedTuple):
     ip: str
     port: int
 
+    def __str__(self) -> str:
+        return format_endpoint(self.ip, self.port)
+
+
+def format_endpoint(ip: str, port: int) -> str:
+    """``ip:port`` as ``ss`` prints it: IPv6 addresses always in brackets (``[::1]:8080``)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
 
 class SocketEntry(NamedTuple):
-    """One socket (psutil-like): ``expires`` is the seconds left on its timer, or None."""
+    """One socket (psutil-like): ``expires`` is the seconds left on its timer, or None; ``v6only`` is the
+    ``IPV6_V6ONLY`` flag of an IPv6 listening or unconnected socket as the kernel reports it (None when
+    not reported: IPv4, other states, or the /proc source)."""
 
     family: socket.AddressFamily
     state: TcpState
@@ -81,6 +99,7 @@ class SocketEntry(NamedTuple):
     uid: int
     inode: int
     expires: float | None
+    v6only: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +110,7 @@ class SocketEntry(NamedTuple):
             "uid": self.uid,
             "inode": self.inode,
             "expires": self.expires,
+            "v6only": self.v6only,
         }
 
 
@@ -104,20 +124,8 @@ _KINDS: Final = {
 }
 
 
-def _require_linux() -> None:
-    if not sys.platform.startswith("linux") or not hasattr(_twfix, "dump_entries"):
-        raise UnsupportedPlatformError(
-            f"the socket table is read through Linux sock_diag; unavailable on {sys.platform}"
-        )
-
-
 def _kind(kind: object) -> tuple[str, int | None]:
-    if not isinstance(kind, str):
-        raise TypeError(f"kind must be a str, not {type(kind).__name__}")
-    try:
-        return _KINDS[kind]
-    except KeyError:
-        raise ValueError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}") from None
+    return _KINDS[check_kind(kind, tuple(_KINDS))]
 
 
 def _state_mask(states: Iterable[TcpState | str] | None) -> int:
@@ -135,14 +143,6 @@ def _state_mask(states: Iterable[TcpState | str] | None) -> int:
         except ValueError:
             raise ValueError(f"unknown socket state {s!r}; known: {', '.join(TcpState)}") from None
     return mask
-
-
-def _port(port: object, name: str = "port") -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{name} must be an int, not {type(port).__name__}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{name} must be in 0..65535, got {port}")
-    return port
 
 
 # What the native dump_entries() builds SocketEntry tuples from: families, and states by number (0 unused).
@@ -166,8 +166,7 @@ def sockets(
     """
     proto, family = _kind(kind)
     mask = _state_mask(states)
-    want = None if port is None else _port(port)
-    _require_linux()
+    want = None if port is None else check_port(port)
     return _dump(proto, family, mask, want, source)
 
 
@@ -182,7 +181,12 @@ def _dump(proto: str, family: int | None, mask: int, port: int | None, source: s
 
 @dataclass(frozen=True)
 class SocketSummary:
-    """Counts gathered while the dump streamed; its size does not depend on the number of sockets."""
+    """Counts gathered while the dump streamed; its size does not depend on the number of sockets.
+
+    ``time_wait_server_side`` counts TIME-WAITs on a listening port (the server closed first); the rest
+    of ``by_state[TIME_WAIT]`` are client-side. ``exact`` is False when the kernel flagged every attempt
+    at the dump as interrupted (the table changed during the walk).
+    """
 
     kind: str
     total: int
@@ -190,6 +194,8 @@ class SocketSummary:
     top_local_ports: dict[TcpState, list[tuple[int, int]]]
     top_remote: dict[TcpState, list[tuple[Addr, int]]]
     time_wait_histogram: dict[str, int] = field(default_factory=dict)
+    time_wait_server_side: int = 0
+    exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,6 +205,8 @@ class SocketSummary:
             "top_local_ports": {str(k): [list(p) for p in v] for k, v in self.top_local_ports.items()},
             "top_remote": {str(k): [[a.ip, a.port, n] for a, n in v] for k, v in self.top_remote.items()},
             "time_wait_histogram": self.time_wait_histogram,
+            "time_wait_server_side": self.time_wait_server_side,
+            "exact": self.exact,
         }
 
     def __str__(self) -> str:
@@ -223,29 +231,113 @@ class SocketSummary:
 _HIST_LABELS: Final = ("0-10s", "10-20s", "20-30s", "30-40s", "40-50s", "50-60s", ">=60s")
 
 
-def summary(kind: str = "tcp", *, top: int = 10, source: str = "auto") -> SocketSummary:
-    """Counts by state, top local ports and remote peers per state, and a TIME-WAIT age histogram."""
+class Listener(NamedTuple):
+    """A listening socket as the snapshot saw it."""
+
+    family: socket.AddressFamily
+    laddr: Addr
+    uid: int
+    inode: int
+    v6only: bool | None
+
+
+class EphemeralUsage(NamedTuple):
+    """Source-port use toward one destination: the 4-tuple arithmetic behind EADDRNOTAVAIL."""
+
+    local_ip: str
+    remote_ip: str
+    remote_port: int
+    in_use: int
+    time_wait: int
+    capacity: int
+    headroom: int
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """One walk of the socket table, aggregated natively: what ``summary()``, ``ephemeral_usage()`` and
+    the doctor read. ``usage`` is empty unless a :class:`~twfix.sysctl.PortRange` was given."""
+
+    summary: SocketSummary
+    listeners: tuple[Listener, ...]
+    usage: tuple[EphemeralUsage, ...]
+    ports: PortRange | None = None
+
+
+def snapshot(
+    kind: str = "tcp", *, top: int = 10, ports: PortRange | None = None, source: str = "auto"
+) -> TableSnapshot:
+    """Walk the table once: counts, top ports and peers, listeners and (with ``ports``) ephemeral use
+    per destination. For TCP a listen-only dump comes first; it costs next to nothing (the kernel skips
+    the established hash)."""
     proto, family = _kind(kind)
     if family is not None:
-        raise ValueError(f"summary() covers both families; use kind='tcp' or 'udp', not {kind!r}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise ValueError(f"top must be a non-negative int, got {top!r}")
-    _require_linux()
-    total, counts, ports, remotes, hist = _twfix.summarize(proto, _ALL_STATES, top, source)
+        raise ValueError(f"a snapshot covers both families; use kind='tcp' or 'udp', not {kind!r}")
+    top = check_count(top, "top")
+    port_set = ports.port_set() if ports is not None else b""
+    total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact = _twfix.snapshot(
+        proto, top, port_set, source
+    )
     by_state = {_BY_NUMBER[s]: n for s, n in counts if s in _BY_NUMBER}
-    top_ports: dict[TcpState, list[tuple[int, int]]] = {}
-    for s, p, n in ports:
+    ports_by_state: dict[TcpState, list[tuple[int, int]]] = {}
+    for s, p, n in top_ports:
         if s in _BY_NUMBER:
-            top_ports.setdefault(_BY_NUMBER[s], []).append((p, n))
-    top_remote: dict[TcpState, list[tuple[Addr, int]]] = {}
+            ports_by_state.setdefault(_BY_NUMBER[s], []).append((p, n))
+    remote_by_state: dict[TcpState, list[tuple[Addr, int]]] = {}
     for s, _fam, ip, p, n in remotes:
         if s in _BY_NUMBER:
-            top_remote.setdefault(_BY_NUMBER[s], []).append((Addr(ip, p), n))
-    return SocketSummary(kind, total, by_state, top_ports, top_remote, dict(zip(_HIST_LABELS, hist, strict=True)))
+            remote_by_state.setdefault(_BY_NUMBER[s], []).append((Addr(ip, p), n))
+    counted = SocketSummary(
+        kind,
+        total,
+        by_state,
+        ports_by_state,
+        remote_by_state,
+        dict(zip(_HIST_LABELS, hist, strict=True)),
+        tw_server,
+        exact,
+    )
+    capacity = ports.usable if ports is not None else 0
+    return TableSnapshot(
+        counted,
+        tuple(
+            Listener(_FAMILY_OBJS[fam == socket.AF_INET6], Addr(ip, p), uid, inode, v6)
+            for fam, ip, p, uid, inode, v6 in listeners
+        ),
+        tuple(
+            EphemeralUsage(local, remote, rport, used, tw, capacity, capacity - used - tw)
+            for _fam, local, remote, rport, used, tw in usage
+        ),
+        ports,
+    )
+
+
+def summary(kind: str = "tcp", *, top: int = 10, source: str = "auto") -> SocketSummary:
+    """Counts by state, top local ports and remote peers per state, and a TIME-WAIT age histogram."""
+    return snapshot(kind, top=top, source=source).summary
+
+
+def ephemeral_usage() -> list[EphemeralUsage]:
+    """Per destination (local ip, remote ip, remote port): ephemeral ports in use and in TIME-WAIT,
+    against the usable range (ip_local_port_range minus ip_local_reserved_ports), busiest first."""
+    return list(snapshot("tcp", top=0, ports=sysctl.port_range()).usage)
+
+
+class Process(NamedTuple):
+    """A process holding a socket. ``name`` and ``cmdline`` are raw text from /proc, chosen by whoever
+    started the process: escape them before they reach a terminal."""
+
+    pid: int
+    name: str | None
+    cmdline: tuple[str, ...]
 
 
 class PortHolder(NamedTuple):
-    """A socket bound to the port, and the process holding it (None for TIME-WAIT or unseen owners)."""
+    """A socket bound to the port, and the processes holding it (none for TIME-WAIT or unseen owners).
+
+    A socket inherited across fork() is held by every process that has it open (a prefork server's
+    master and workers): ``processes`` lists them all, ``pid``/``name``/``cmdline`` are the first.
+    """
 
     state: TcpState
     laddr: Addr
@@ -255,6 +347,7 @@ class PortHolder(NamedTuple):
     pid: int | None = None
     name: str | None = None
     cmdline: tuple[str, ...] = ()
+    processes: tuple[Process, ...] = ()
 
     @property
     def owned(self) -> bool:
@@ -275,7 +368,10 @@ class Holders:
         return {
             "port": self.port,
             "kind": self.kind,
-            "holders": [{**h._asdict(), "state": str(h.state)} for h in self.holders],
+            "holders": [
+                {**h._asdict(), "state": str(h.state), "processes": [p._asdict() for p in h.processes]}
+                for h in self.holders
+            ],
             "denied": self.denied,
             "note": self.note,
         }
@@ -287,9 +383,9 @@ class Holders:
         rows = [
             (
                 str(h.state),
-                f"{h.laddr.ip}:{h.laddr.port}",
-                f"{h.raddr.ip}:{h.raddr.port}" if h.raddr else "",
-                str(h.pid) if h.pid is not None else "",
+                str(h.laddr),
+                str(h.raddr) if h.raddr else "",
+                ", ".join(str(p.pid) for p in h.processes),
                 h.name or "",
                 " ".join(h.cmdline),
             )
@@ -303,14 +399,14 @@ class Holders:
             return f"nothing holds {self.kind} port {self.port}"
         lines = [f"{self.kind} port {self.port}:"]
         for h in self.holders:
-            peer = f" -> {h.raddr.ip}:{h.raddr.port}" if h.raddr else ""
+            peer = f" -> {h.raddr}" if h.raddr else ""
             if h.state == TcpState.TIME_WAIT:
                 who = "no process (TIME-WAIT belongs to the kernel)"
-            elif h.pid is not None:
-                who = f"pid {h.pid} {h.name} (uid {h.uid}): {' '.join(h.cmdline)[:120]}"
+            elif h.processes:
+                who = "; ".join(f"pid {p.pid} {p.name} (uid {h.uid}): {' '.join(p.cmdline)[:120]}" for p in h.processes)
             else:
                 who = f"uid {h.uid}, process not visible"
-            lines.append(f"  {h.state:<12} {h.laddr.ip}:{h.laddr.port}{peer}  {who}")
+            lines.append(f"  {h.state:<12} {h.laddr}{peer}  {who}")
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
@@ -319,20 +415,27 @@ class Holders:
 def _read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(1 << 16)
     except OSError:
         return None
+
+
+def _process(pid: int) -> Process:
+    comm = _read(f"/proc/{pid}/comm")
+    raw = _read(f"/proc/{pid}/cmdline")
+    name = comm.decode(errors="replace").rstrip("\n") if comm else None
+    cmd = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a) if raw else ()
+    return Process(pid, name, cmd)
 
 
 def who_holds(port: int, kind: str = "tcp") -> Holders:
     """The sockets bound to ``port`` with their owning processes (pid, name, command line, uid, state).
 
-    Maps socket inodes to processes by scanning /proc only until all are found. Without root, other
+    Maps socket inodes to every process holding them by reading /proc/PID/fd. Without root, other
     users' processes cannot be inspected: their sockets are listed without an owner and ``note`` says so.
     """
     proto, family = _kind(kind)
-    port = _port(port)
-    _require_linux()
+    port = check_port(port)
     return holders_of(_dump(proto, family, _ALL_STATES, port), port, kind)
 
 
@@ -344,17 +447,27 @@ def port_entries(kind: str, port: int) -> list[SocketEntry]:
 def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
     """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
     pairs, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
-    pid_of = dict(pairs)
+    pids_of: dict[int, list[int]] = {}
+    for inode, pid in pairs:
+        pids_of.setdefault(inode, []).append(pid)
+    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid in pairs})}
     holders = []
     for e in entries:
-        pid = pid_of.get(e.inode) if e.inode else None
-        name = cmd = None
-        if pid is not None:
-            comm = _read(f"/proc/{pid}/comm")
-            raw = _read(f"/proc/{pid}/cmdline")
-            name = comm.decode(errors="replace").strip() if comm else None
-            cmd = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a) if raw else ()
-        holders.append(PortHolder(e.state, e.laddr, e.raddr, e.uid, e.inode, pid, name, cmd or ()))
+        procs = tuple(processes[pid] for pid in pids_of.get(e.inode, ())) if e.inode else ()
+        first = procs[0] if procs else None
+        holders.append(
+            PortHolder(
+                e.state,
+                e.laddr,
+                e.raddr,
+                e.uid,
+                e.inode,
+                first.pid if first else None,
+                first.name if first else None,
+                first.cmdline if first else (),
+                procs,
+            )
+        )
     unseen = [h for h in holders if h.inode and h.pid is None]
     note = None
     if unseen and denied:
@@ -365,45 +478,3 @@ def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
     elif unseen:
         note = f"{len(unseen)} socket(s) have no visible owner (the process may have exited)"
     return Holders(port, kind, tuple(holders), denied, note)
-
-
-class EphemeralUsage(NamedTuple):
-    """Source-port use toward one destination: the 4-tuple arithmetic behind EADDRNOTAVAIL."""
-
-    local_ip: str
-    remote_ip: str
-    remote_port: int
-    in_use: int
-    time_wait: int
-    capacity: int
-    headroom: int
-
-
-def port_range() -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """The ephemeral range and the reserved port ranges of this network namespace."""
-    from twfix import sysctl
-
-    rng = sysctl.get("net.ipv4.ip_local_port_range")
-    reserved = sysctl.get("net.ipv4.ip_local_reserved_ports")
-    if not (isinstance(rng, tuple) and len(rng) == 2):
-        raise ValueError(f"unexpected net.ipv4.ip_local_port_range value {rng!r}")
-    ranges = [(int(a), int(b)) for a, b in reserved] if isinstance(reserved, list) else []
-    return (int(rng[0]), int(rng[1])), ranges
-
-
-def usable_ports(lo: int, hi: int, reserved: list[tuple[int, int]]) -> int:
-    """Size of the ephemeral range minus the reserved ports inside it."""
-    return hi - lo + 1 - sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in reserved)
-
-
-def ephemeral_usage() -> list[EphemeralUsage]:
-    """Per destination (local ip, remote ip, remote port): ephemeral ports in use and in TIME-WAIT,
-    against the usable range (ip_local_port_range minus ip_local_reserved_ports), busiest first."""
-    _require_linux()
-    (lo, hi), reserved = port_range()
-    capacity = usable_ports(lo, hi, reserved)
-    rows = _twfix.ephemeral_usage(lo, hi, [(a, b) for a, b in reserved if a <= 65535 and b <= 65535], "auto")
-    return [
-        EphemeralUsage(local, remote, rport, used, tw, capacity, capacity - used - tw)
-        for _fam, local, remote, rport, used, tw in rows
-    ]

@@ -4,9 +4,8 @@ Each constructor returns a plain :class:`socket.socket` (close-on-exec, usable w
 selectors) and replaces the classic ``setsockopt(SO_REUSEADDR, 1)`` then ``bind()`` sequence with
 the options that are right for the protocol:
 
-* TCP listeners get ``SO_REUSEADDR`` (POSIX) so a restarted server binds over the TIME-WAIT
-  connections of its previous incarnation; on Windows they get ``SO_EXCLUSIVEADDRUSE`` instead,
-  because Windows' ``SO_REUSEADDR`` lets another socket steal a port in active use.
+* TCP listeners get ``SO_REUSEADDR`` so a restarted server binds over the TIME-WAIT connections of its
+  previous incarnation.
 * UDP sockets do **not** get ``SO_REUSEADDR``: on Linux it would let a process of another user bind
   the same address later and receive the datagrams (bpo-37228). UDP has no TIME-WAIT, so a port is
   free again as soon as its previous owner closed it.
@@ -16,120 +15,39 @@ from __future__ import annotations
 
 import _socket
 import errno
-import math
-import operator
 import socket
-import sys
 from typing import Final
 
 from twfix import _twfix
-from twfix.errors import AddressInUseError, UnsupportedPlatformError
+from twfix._args import (
+    FAMILY_NAMES,
+    MAX_BACKLOG,
+    cached_literal,
+    check_backlog,
+    check_family,
+    check_host,
+    check_port,
+    check_timeout,
+    parse_literal,
+    resolve,
+    resolve_all,
+)
+from twfix.conflict import address_in_use
 
 __all__ = ["make_reusable", "reusable_tcp_client", "reusable_tcp_server", "reusable_udp"]
 
-_IS_WINDOWS: Final = sys.platform == "win32"
-_HAVE_NATIVE: Final = hasattr(_twfix, "bind_socket")
-# The C-level attributes: plain ints, without the enum conversion of socket.socket.family/type.
-_RAW_FAMILY: Final = _socket.socket.family.__get__
+# The C-level attribute: a plain int, without the enum conversion of socket.socket.type.
 _RAW_TYPE: Final = _socket.socket.type.__get__
-_TYPE_MASK: Final = ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
+_TYPE_MASK: Final = ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 _F_REUSE_ADDR: Final = _twfix.F_REUSE_ADDR
 _F_REUSE_PORT: Final = _twfix.F_REUSE_PORT
 _F_V6ONLY: Final = _twfix.F_V6ONLY
 _F_DUALSTACK: Final = _twfix.F_DUALSTACK
 _F_BIND_NO_PORT: Final = _twfix.F_BIND_NO_PORT
-_F_EXCLUSIVE: Final = _twfix.F_EXCLUSIVE
-_F_NO_BIND: Final = _twfix.F_NO_BIND
 _TCP: Final = "tcp"
+_UDP: Final = "udp"
 # Like the stdlib's listen() default.
 _DEFAULT_BACKLOG: Final = min(socket.SOMAXCONN, 128)
-# TCP listeners: SO_REUSEADDR on POSIX; on Windows SO_EXCLUSIVEADDRUSE (its SO_REUSEADDR allows port theft).
-_SERVER_FLAGS: Final = _twfix.F_EXCLUSIVE if _IS_WINDOWS else _twfix.F_REUSE_ADDR
-_UDP: Final = "udp"
-
-
-def _check_port(port: object, name: str = "port") -> int:
-    if isinstance(port, bool) or not hasattr(port, "__index__"):
-        raise TypeError(f"{name} must be an int, not {type(port).__name__}")
-    value = operator.index(port)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{name} must be in 0..65535, got {value}")
-    return value
-
-
-def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    value = float(timeout)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-    return value
-
-
-def _check_host(host: object, name: str = "host") -> str:
-    if not isinstance(host, str):
-        raise TypeError(f"{name} must be a str, not {type(host).__name__}")
-    if "\0" in host:
-        raise ValueError(f"{name} must not contain NUL characters")
-    return host
-
-
-def _check_family(family: object) -> int:
-    if family not in (socket.AF_INET, socket.AF_INET6) or isinstance(family, bool):
-        raise ValueError(f"family must be socket.AF_INET, socket.AF_INET6 or None, got {family!r}")
-    return socket.AF_INET if family == socket.AF_INET else socket.AF_INET6
-
-
-# Literal hosts (and "") resolve to themselves; caching that check keeps the constructors as cheap as
-# the stdlib sequence. Names are never cached: they are resolved once per call.
-_LITERALS: dict[tuple[str, int | None], tuple[int, str, int]] = {}
-_LITERALS_MAX: Final = 1024
-
-
-def _resolve(host: str, port: int, family: int | None, sotype: int, name: str = "host") -> tuple[int, str, int]:
-    """Turn ``host`` into ``(family, ip_literal, scope_id)``, resolving a name once."""
-    hit = _LITERALS.get((host, family))
-    if hit is not None:
-        return hit
-    literal = _parse_literal(host, family, name)
-    if literal is not None:
-        if len(_LITERALS) < _LITERALS_MAX:
-            _LITERALS[(host, family)] = literal
-        return literal
-    if "\0" in host:
-        raise ValueError(f"{name} must not contain NUL characters")
-    try:
-        infos = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, sotype)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise ValueError(f"{name} {host!r} could not be resolved: {reason}") from exc
-    for fam, _type, _proto, _canon, sockaddr in infos:
-        if fam == socket.AF_INET:
-            return fam, str(sockaddr[0]), 0
-        if fam == socket.AF_INET6:
-            return fam, str(sockaddr[0]).split("%", 1)[0], int(sockaddr[3])  # type: ignore[misc]
-    raise ValueError(f"{name} {host!r} has no IPv4 or IPv6 address")
-
-
-def _parse_literal(host: str, family: int | None, name: str) -> tuple[int, str, int] | None:
-    if host == "" or host == "*":
-        if family == socket.AF_INET6:
-            return socket.AF_INET6, "::", 0
-        return socket.AF_INET, "0.0.0.0", 0
-    if "%" in host or "\0" in host:
-        return None  # scoped IPv6 literals go through getaddrinfo, which knows interface names
-    # inet_pton is strict (no "1.2.3", no octal), unlike inet_aton.
-    candidate = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.inet_pton(candidate, host)
-    except OSError:
-        return None
-    if family is not None and family != candidate:
-        kind = "IPv6" if candidate == socket.AF_INET6 else "IPv4"
-        raise ValueError(f"{name} {host!r} is an {kind} address, which does not match family {family!r}")
-    return candidate, host, 0
 
 
 def _open(
@@ -151,7 +69,7 @@ def _open(
         if timeout is not None:
             sock.settimeout(timeout)
         if flags or backlog >= 0 or multicast_group is not None or scope_id:
-            _bind(sock, family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
+            _twfix.bind_socket(sock.fileno(), family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
         else:
             sock.bind((ip, port))  # no option to set: this is exactly the stdlib sequence
     except BaseException as exc:
@@ -165,51 +83,8 @@ def _failed(
     """Close the half-built socket; the exception to raise (EADDRINUSE becomes the explained error)."""
     sock.close()
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return _address_in_use(exc, protocol, host, ip, port, family, flags)
+        return address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
     return exc
-
-
-def _bind(
-    sock: socket.socket,
-    family: int,
-    sotype: int,
-    ip: str,
-    port: int,
-    scope_id: int,
-    flags: int,
-    backlog: int,
-    multicast_group: str | None,
-) -> None:
-    if _HAVE_NATIVE:
-        _twfix.bind_socket(sock.fileno(), family, sotype, ip, port, scope_id, flags, backlog, multicast_group)
-        return
-    # Platforms without the native socket layer (Windows): the same sequence through the stdlib.
-    if flags & _F_EXCLUSIVE:
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", ~socket.SO_REUSEADDR), 1)
-    elif flags & _F_REUSE_ADDR:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if flags & _F_REUSE_PORT:
-        if not hasattr(socket, "SO_REUSEPORT"):
-            raise UnsupportedPlatformError("SO_REUSEPORT is not available on this platform")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6 and flags & (_F_V6ONLY | _F_DUALSTACK):
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if flags & _F_DUALSTACK else 1)
-    if multicast_group is not None:
-        raise UnsupportedPlatformError("multicast_group needs the native socket layer (Linux or another Unix)")
-    if flags & _F_NO_BIND:
-        return
-    sock.bind((ip, port, 0, scope_id) if family == socket.AF_INET6 else (ip, port))
-    if backlog >= 0:
-        sock.listen(backlog)
-
-
-def _address_in_use(
-    exc: OSError, protocol: str, host: str, ip: str, port: int, family: int, flags: int
-) -> AddressInUseError:
-    """Build the explained error for a failed bind/listen."""
-    from twfix import conflict
-
-    return conflict.address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
 
 
 def reusable_udp(
@@ -240,14 +115,14 @@ def reusable_udp(
             ``host`` should then be "" (or the group address itself).
     """
     if type(port) is not int or not 0 <= port <= 65535:
-        port = _check_port(port)
+        port = check_port(port)
     if type(host) is not str:
-        host = _check_host(host)
+        host = check_host(host)
     if timeout is not None:
-        timeout = _check_timeout(timeout)
-    fam = None if family is None else _check_family(family)
+        timeout = check_timeout(timeout)
+    fam = None if family is None else check_family(family)
     if multicast_group is None and not reuse_port:
-        family_, ip, _scope = _LITERALS.get((host, fam)) or _resolve(host, port, fam, socket.SOCK_DGRAM)
+        family_, ip, _scope = cached_literal(host, fam) or resolve(host, port, fam, socket.SOCK_DGRAM)
         if family_ == socket.AF_INET:
             # Nothing to set on an IPv4 socket: exactly the stdlib sequence, kept as cheap as it.
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -260,14 +135,14 @@ def reusable_udp(
             return sock
     flags = _F_REUSE_PORT if reuse_port else 0
     if multicast_group is not None:
-        multicast_group = _check_host(multicast_group, "multicast_group")
-        group_family, group_ip, _ = _resolve(multicast_group, port, fam, socket.SOCK_DGRAM, "multicast_group")
+        multicast_group = check_host(multicast_group, "multicast_group")
+        group_family, group_ip, _ = resolve(multicast_group, port, fam, socket.SOCK_DGRAM, "multicast_group")
         if not _is_multicast(group_family, group_ip):
             raise ValueError(f"multicast_group {multicast_group!r} is not a multicast address")
         fam = group_family
         multicast_group = group_ip
         flags |= _F_REUSE_ADDR
-    family_, ip, scope_id = _resolve(host, port, fam, socket.SOCK_DGRAM)
+    family_, ip, scope_id = resolve(host, port, fam, socket.SOCK_DGRAM)
     if family_ == socket.AF_INET6:
         flags |= _F_V6ONLY
     return _open(family_, socket.SOCK_DGRAM, ip, port, scope_id, flags, -1, _UDP, host, timeout, multicast_group)
@@ -292,11 +167,10 @@ def reusable_tcp_server(
 ) -> socket.socket:
     """Like socket.create_server, but binds over the TIME-WAIT left by a previous server.
 
-    On POSIX the listener gets ``SO_REUSEADDR``, so the next instance of this server can bind while
-    connections of this one sit in TIME-WAIT (the flag is inherited by those TIME-WAIT sockets, which
-    is what lets the next bind through). On Windows ``SO_EXCLUSIVEADDRUSE`` is set instead, because
-    Windows' ``SO_REUSEADDR`` allows stealing a port in active use and Windows has no such TIME-WAIT
-    bind restriction to lift.
+    The listener gets ``SO_REUSEADDR``, so the next instance of this server can bind while connections
+    of this one sit in TIME-WAIT (the flag is inherited by those TIME-WAIT sockets, which is what lets
+    the next bind through). A name is resolved like the stdlib's bind(): its first IPv4 address when it
+    has one (``localhost`` is 127.0.0.1), else its first IPv6 address.
 
     Args:
         port: the port to listen on, 0 for an ephemeral one.
@@ -310,35 +184,27 @@ def reusable_tcp_server(
         family: ``AF_INET`` or ``AF_INET6``; inferred from ``host`` when None.
     """
     if type(port) is not int or not 0 <= port <= 65535:
-        port = _check_port(port)
+        port = check_port(port)
     if type(host) is not str:
-        host = _check_host(host)
+        host = check_host(host)
     if timeout is not None:
-        timeout = _check_timeout(timeout)
-    fam = None if family is None else _check_family(family)
+        timeout = check_timeout(timeout)
+    fam = None if family is None else check_family(family)
     if backlog is None:
         backlog = _DEFAULT_BACKLOG
-    elif type(backlog) is not int or backlog < 0:
-        backlog = _check_backlog(backlog)
-    flags = _SERVER_FLAGS | _F_REUSE_PORT if reuse_port else _SERVER_FLAGS
+    elif type(backlog) is not int or not 0 <= backlog <= MAX_BACKLOG:
+        backlog = check_backlog(backlog)
+    flags = _F_REUSE_ADDR | _F_REUSE_PORT if reuse_port else _F_REUSE_ADDR
     if dualstack_ipv6:
         if fam == socket.AF_INET:
             raise ValueError("dualstack_ipv6=True needs family AF_INET6, not AF_INET")
         if not socket.has_dualstack_ipv6():
             raise ValueError("dualstack_ipv6 is not supported on this platform")
         fam = socket.AF_INET6
-    family_, ip, scope_id = _resolve(host, port, fam, socket.SOCK_STREAM)
+    family_, ip, scope_id = resolve(host, port, fam, socket.SOCK_STREAM)
     if family_ == socket.AF_INET6:
         flags |= _F_DUALSTACK if dualstack_ipv6 else _F_V6ONLY
     return _open(family_, socket.SOCK_STREAM, ip, port, scope_id, flags, backlog, _TCP, host, timeout)
-
-
-def _check_backlog(backlog: object) -> int:
-    if isinstance(backlog, bool) or not isinstance(backlog, int):
-        raise TypeError(f"backlog must be an int or None, not {type(backlog).__name__}")
-    if backlog < 0:
-        raise ValueError(f"backlog must be >= 0, got {backlog}")
-    return min(backlog, 2**31 - 1)
 
 
 def reusable_tcp_client(
@@ -362,23 +228,23 @@ def reusable_tcp_client(
         source_address: ``(host, port)`` to bind before connecting, or None.
         timeout: connect and I/O timeout passed to ``settimeout()``; None leaves the default.
     """
-    host = _check_host(host)
-    port = _check_port(port)
+    host = check_host(host)
+    port = check_port(port)
     if port == 0:
         raise ValueError("port must be in 1..65535 for a connection, got 0")
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     src_host: str | None = None
     src_port = 0
     if source_address is not None:
         if not isinstance(source_address, tuple) or len(source_address) != 2:
             raise TypeError("source_address must be a (host, port) tuple or None")
-        src_host = _check_host(source_address[0], "source_address host")
-        src_port = _check_port(source_address[1], "source_address port")
+        src_host = check_host(source_address[0], "source_address host")
+        src_port = check_port(source_address[1], "source_address port")
     if host == "":
         raise ValueError("host must name the server to connect to, not be empty")
     src_family: int | None = None
     if src_host is not None:
-        src_family = _resolve(src_host, src_port, None, socket.SOCK_STREAM, "source_address host")[0]
+        src_family = resolve(src_host, src_port, None, socket.SOCK_STREAM, "source_address host")[0]
     candidates = _candidates(host, port, src_family)
     last: OSError | None = None
     for family, ip, scope_id in candidates:  # like create_connection: each address of a name in turn
@@ -392,39 +258,17 @@ def reusable_tcp_client(
 
 def _candidates(host: str, port: int, family: int | None) -> list[tuple[int, str, int]]:
     """The addresses to try for a connection: the literal itself, or every address of a name."""
-    literal = _parse_literal(host, None, "host")
-    if literal is not None:
-        if family is not None and literal[0] != family:
-            raise ValueError(
-                f"source_address is {_FAMILY_NAMES[family]} but host {host!r} is {_FAMILY_NAMES[literal[0]]}"
-            )
-        return [literal]
-    if "\0" in host:
-        raise ValueError("host must not contain NUL characters")
-    try:
-        infos = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise ValueError(f"host {host!r} could not be resolved: {reason}") from exc
-    out = []
-    for fam, _type, _proto, _canon, sockaddr in infos:
-        if fam == socket.AF_INET:
-            out.append((int(fam), str(sockaddr[0]), 0))
-        elif fam == socket.AF_INET6:
-            out.append((int(fam), str(sockaddr[0]).split("%", 1)[0], int(sockaddr[3])))  # type: ignore[misc]
-    if not out:
-        raise ValueError(f"host {host!r} has no {'matching ' if family else ''}IPv4 or IPv6 address")
-    return out
-
-
-_FAMILY_NAMES: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+    literal = parse_literal(host, None, "host")
+    if literal is not None and family is not None and literal[0] != family:
+        raise ValueError(f"source_address is {FAMILY_NAMES[family]} but host {host!r} is {FAMILY_NAMES[literal[0]]}")
+    return resolve_all(host, port, family, socket.SOCK_STREAM)
 
 
 def _connect_one(
     family: int, ip: str, port: int, scope_id: int, src_host: str | None, src_port: int, timeout: float | None
 ) -> socket.socket:
     if src_host is not None:
-        _, src_ip, src_scope = _resolve(src_host, src_port, family, socket.SOCK_STREAM, "source_address host")
+        _, src_ip, src_scope = resolve(src_host, src_port, family, socket.SOCK_STREAM, "source_address host")
         flags = _F_BIND_NO_PORT if src_port == 0 else 0
         if family == socket.AF_INET6:
             flags |= _F_V6ONLY
@@ -444,10 +288,10 @@ def _connect_one(
 def make_reusable(sock: socket.socket, *, reuse_port: bool = False) -> socket.socket:
     """Apply twfix's safe reuse options to an existing, **not yet bound** socket; returns it.
 
-    TCP sockets get ``SO_REUSEADDR`` (``SO_EXCLUSIVEADDRUSE`` on Windows); UDP sockets get nothing
-    unless ``reuse_port=True`` (``SO_REUSEPORT``, same-user sharing). The options only matter at
-    ``bind()`` time, so a bound socket raises :class:`ValueError` instead of silently doing nothing
-    (the classic "``allow_reuse_address`` set after ``server_bind``" mistake).
+    TCP sockets get ``SO_REUSEADDR``; UDP sockets get nothing unless ``reuse_port=True``
+    (``SO_REUSEPORT``, same-user sharing). The options only matter at ``bind()`` time, so a bound socket
+    raises :class:`ValueError` instead of silently doing nothing (the classic "``allow_reuse_address``
+    set after ``server_bind``" mistake).
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
@@ -456,24 +300,10 @@ def make_reusable(sock: socket.socket, *, reuse_port: bool = False) -> socket.so
         raise ValueError("sock is closed")
     sotype = _RAW_TYPE(sock) & _TYPE_MASK
     if sotype == socket.SOCK_STREAM:
-        flags = _SERVER_FLAGS | _F_REUSE_PORT if reuse_port else _SERVER_FLAGS
+        flags = _F_REUSE_ADDR | _F_REUSE_PORT if reuse_port else _F_REUSE_ADDR
     elif sotype == socket.SOCK_DGRAM:
         flags = _F_REUSE_PORT if reuse_port else 0
     else:
         raise ValueError(f"sock must be a SOCK_STREAM or SOCK_DGRAM socket, not {sock.type!r}")
-    if _HAVE_NATIVE:
-        _twfix.make_reusable(fd, flags)  # also refuses non-IP sockets and bound ones, naming the address
-        return sock
-    family = _RAW_FAMILY(sock)
-    if family != socket.AF_INET and family != socket.AF_INET6:
-        raise ValueError(f"sock must be an AF_INET or AF_INET6 socket, not {sock.family!r}")
-    bound = sock.getsockname()
-    if bound[1] != 0:
-        raise ValueError(f"sock is already bound to {_fmt_addr(bound)}: reuse options must be set before bind()")
-    _bind(sock, family, sotype, "", 0, 0, flags | _F_NO_BIND, -1, None)
+    _twfix.make_reusable(fd, flags)  # also refuses non-IP sockets and bound ones, naming the address
     return sock
-
-
-def _fmt_addr(addr: tuple[object, ...]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from twfix import _twfix
 from twfix._html import table
-from twfix.errors import TwfixError, UnsupportedPlatformError
+from twfix.errors import TwfixError
 
-__all__ = ["Sysctl", "SysctlTable", "SysctlUnavailableError", "get", "read", "validate"]
+__all__ = [
+    "PortRange",
+    "Sysctl",
+    "SysctlTable",
+    "SysctlUnavailableError",
+    "get",
+    "port_range",
+    "port_range_of",
+    "read",
+    "render",
+    "validate",
+]
 
 Value = int | str | tuple[int, ...] | list[tuple[int, int]]
 
@@ -282,9 +292,9 @@ class SysctlTable(Mapping[str, Sysctl]):
     def __str__(self) -> str:
         lines = []
         for r in self._rows.values():
-            value = _render(r.value) if r.available else "(absent on this kernel)"
+            value = render(r.value) if r.available else "(absent on this kernel)"
             mark = " *" if r.changed else ""
-            default = f" (default {_render(r.default)})" if r.default is not None else ""
+            default = f" (default {render(r.default)})" if r.default is not None else ""
             lines.append(f"{r.name} = {value}{mark}{default}{' ' + r.unit if r.unit and r.available else ''}")
             if r.meaning:
                 lines.append(f"    {r.meaning}")
@@ -300,8 +310,8 @@ class SysctlTable(Mapping[str, Sysctl]):
         rows = [
             (
                 r.name,
-                _render(r.value) if r.available else "(absent)",
-                _render(r.default) if r.default is not None else "",
+                render(r.value) if r.available else "(absent)",
+                render(r.default) if r.default is not None else "",
                 r.meaning,
                 r.advice,
             )
@@ -310,7 +320,8 @@ class SysctlTable(Mapping[str, Sysctl]):
         return table("twfix-sysctl", "kernel settings", ("name", "value", "default", "meaning", "advice"), rows)
 
 
-def _render(value: object) -> str:
+def render(value: object) -> str:
+    """A value as sysctl.conf writes it: "32768 60999", "8080,9000-9010", "1"."""
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
     if isinstance(value, list):
@@ -318,17 +329,11 @@ def _render(value: object) -> str:
     return str(value)
 
 
-def _normalise(name: object) -> str:
+def _key(name: object) -> str:
+    """The canonical dotted key of a name (validated in Rust; raises ValueError for hostile names)."""
     if not isinstance(name, str):
         raise TypeError(f"sysctl name must be a str, not {type(name).__name__}")
-    _require_linux()
-    path = _twfix.sysctl_path(name)  # raises ValueError for hostile names
-    return path[len("/proc/sys/") :].replace("/", ".") if "/" in name else name
-
-
-def _require_linux() -> None:
-    if not sys.platform.startswith("linux") or not hasattr(_twfix, "read_sysctls"):
-        raise UnsupportedPlatformError(f"sysctls are read from Linux /proc/sys; unavailable on {sys.platform}")
+    return _twfix.sysctl_key(name)[0]
 
 
 def _ns_path(netns: str | os.PathLike[str] | None, pid: int | None) -> str | None:
@@ -378,14 +383,16 @@ def get(name: str, *, netns: str | os.PathLike[str] | None = None, pid: int | No
 
     Raises SysctlUnavailableError (a LookupError) when the running kernel lacks it, with its history.
     """
-    key = _normalise(name)
-    raw = _twfix.read_sysctls([name], _ns_path(netns, pid))[0]
+    if not isinstance(name, str):
+        raise TypeError(f"sysctl name must be a str, not {type(name).__name__}")
+    ((key, raw),) = _twfix.read_sysctls([name], _ns_path(netns, pid))
     if raw is None:
         raise _missing(key)
     return parse(key, raw)
 
 
-def _default(name: str, knob: _Knob, ehash: int | None) -> tuple[Value | None, str]:
+def _default(knob: _Knob, ehash: int | None) -> tuple[Value | None, str]:
+    """The kernel default of a knob; the derived ones are computed from the established hash size."""
     if knob.default == "ehash/2":
         return (abs(ehash) // 2, "half the TCP established hash") if ehash else (None, "half the TCP established hash")
     if knob.default == "max(128,ehash/128)":
@@ -401,19 +408,19 @@ def read(
     pid: int | None = None,
 ) -> SysctlTable:
     """A table of the catalogue (or of ``names``), read in one pass."""
-    _require_linux()
     if isinstance(names, str):
         names = [names]
-    wanted = list(_CATALOGUE) if names is None else [_normalise(n) for n in names]
-    ns = _ns_path(netns, pid)
-    extra = "net.ipv4.tcp_ehash_entries"
-    raws = _twfix.read_sysctls([*wanted, extra], ns)
-    ehash_raw = raws[-1]
+    wanted = list(_CATALOGUE) if names is None else list(names)
+    for n in wanted:
+        if not isinstance(n, str):
+            raise TypeError(f"sysctl name must be a str, not {type(n).__name__}")
+    pairs = _twfix.read_sysctls([*wanted, _EHASH], _ns_path(netns, pid))
+    ehash_raw = pairs[-1][1]
     ehash = int(ehash_raw) if ehash_raw and ehash_raw.lstrip("-").isdigit() else None
     rows = []
-    for name, raw in zip(wanted, raws[:-1], strict=True):
+    for name, raw in pairs[:-1]:
         knob = _CATALOGUE.get(name) or _Knob("", None, "", "", "", True, "", "")
-        default, note = _default(name, knob, ehash)
+        default, note = _default(knob, ehash)
         rows.append(
             Sysctl(
                 name,
@@ -435,7 +442,7 @@ def read(
 
 def validate(name: str, value: object) -> str:
     """Check a value for a catalogue knob; returns the text to write. Raises ValueError naming the problem."""
-    key = _normalise(name)
+    key = _key(name)
     knob = _CATALOGUE.get(key)
     if knob is None:
         raise ValueError(f"{key} is not one of the knobs twfix manages; refusing to write it")
@@ -481,8 +488,82 @@ def _write(name: str, value: object) -> Value | None:
     (:func:`twfix.tune.apply`).
     """
     text = validate(name, value)
-    key = _normalise(name)
+    key = _key(name)
     if os.geteuid() != 0:
         raise PermissionError(f"setting {key} needs root")
     before = _twfix.write_sysctl(name, text)
     return parse(key, before) if before is not None else None
+
+
+_EHASH: Final = "net.ipv4.tcp_ehash_entries"
+_RANGE: Final = "net.ipv4.ip_local_port_range"
+_RESERVED: Final = "net.ipv4.ip_local_reserved_ports"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """The ephemeral ports of a network namespace: ``ip_local_port_range`` minus ``ip_local_reserved_ports``.
+
+    The one place of the rule "the kernel may hand this port to connect() or bind(0)": inside the range
+    and not reserved (reserved ports are skipped by automatic assignment only; explicit binds ignore them).
+    """
+
+    low: int
+    high: int
+    reserved: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return self.high - self.low + 1
+
+    @property
+    def reserved_inside(self) -> int:
+        """How many ports of the range are reserved (overlapping reserved ranges counted once)."""
+        return self.size - len(self._assigned())
+
+    def _assigned(self) -> set[int]:
+        ports = set(range(self.low, self.high + 1))
+        for a, b in self.reserved:
+            ports.difference_update(range(max(a, self.low), min(b, self.high) + 1))
+        return ports
+
+    @property
+    def usable(self) -> int:
+        """Ports automatic assignment can hand out: the range minus the reserved ports inside it."""
+        return self.size - self.reserved_inside
+
+    def contains(self, port: int) -> bool:
+        return self.low <= port <= self.high
+
+    def is_reserved(self, port: int) -> bool:
+        return any(a <= port <= b for a, b in self.reserved)
+
+    def assigns(self, port: int) -> bool:
+        """True when connect() or bind(0) may be given ``port``: inside the range and not reserved."""
+        return self.contains(port) and not self.is_reserved(port)
+
+    def port_set(self) -> bytes:
+        """The ports :meth:`assigns` accepts as a 65,536-bit map (bit ``p % 8`` of byte ``p // 8``), the
+        form the native aggregation reads."""
+        bits = bytearray(8192)
+        for p in self._assigned():
+            if 0 <= p <= 65535:
+                bits[p >> 3] |= 1 << (p & 7)
+        return bytes(bits)
+
+
+def port_range(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> PortRange:
+    """The ephemeral range and reserved ports of this (or another) network namespace, read in one pass."""
+    pairs = dict(_twfix.read_sysctls([_RANGE, _RESERVED], _ns_path(netns, pid)))
+    return port_range_of(
+        parse(_RANGE, pairs[_RANGE]) if pairs[_RANGE] is not None else None,
+        parse(_RESERVED, pairs[_RESERVED]) if pairs[_RESERVED] is not None else None,
+    )
+
+
+def port_range_of(rng: Value | None, reserved: Value | None) -> PortRange:
+    """A :class:`PortRange` from the typed values of the two knobs (as :func:`get` returns them)."""
+    if not (isinstance(rng, tuple) and len(rng) == 2):
+        raise ValueError(f"unexpected {_RANGE} value {rng!r}")
+    ranges = tuple((int(a), int(b)) for a, b in reserved) if isinstance(reserved, list) else ()
+    return PortRange(int(rng[0]), int(rng[1]), ranges)

@@ -12,22 +12,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
+from twfix import sysctl
+from twfix.doctor import Change, doctor
 from twfix.errors import TwfixError
 
 __all__ = ["Change", "Plan", "Written", "apply", "plan", "write"]
 
 MARKER: Final = "# Written by twfix tune."
-_DEFAULT_RANGE: Final = (32768, 60999)
-
-
-@dataclass(frozen=True)
-class Change:
-    name: str
-    before: Any
-    after: Any
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,8 +38,8 @@ class Plan:
             lines.append("# Nothing to change: the running values are fine.")
         for c in self.changes:
             lines.append(f"# {c.reason}" if c.reason else "#")
-            lines.append(f"# running value: {_render(c.before)}")
-            lines.append(f"{c.name} = {_render(c.after)}")
+            lines.append(f"# running value: {sysctl.render(c.before)}")
+            lines.append(f"{c.name} = {sysctl.render(c.after)}")
             lines.append("")
         return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -57,85 +50,18 @@ class Written:
     backup: Path | None
 
 
-def _render(value: Any) -> str:
-    if isinstance(value, tuple):
-        return " ".join(str(v) for v in value)
-    if isinstance(value, list):
-        return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in value)
-    return str(value)
-
-
 def plan(*, root: str | os.PathLike[str] = "/") -> Plan:
-    """Work out the recommended changes from the doctor's findings for this namespace."""
-    from twfix import sysctl
-    from twfix.doctor import doctor
-
-    report = doctor(root=root)
-    codes = {f.code for f in report.findings}
-    changes: list[Change] = []
-
-    def current(name: str) -> Any:
-        try:
-            return sysctl.get(name)
-        except (LookupError, OSError):
-            return None
-
-    if "TW-REUSE-LOOPBACK-ONLY" in codes:
-        changes.append(
-            Change(
-                "net.ipv4.tcp_tw_reuse",
-                current("net.ipv4.tcp_tw_reuse"),
-                1,
-                "outgoing connections to non-loopback peers pile up in TIME-WAIT; 1 lets connect() take them over",
-            )
-        )
-    if "TW-REUSE-NO-TIMESTAMPS" in codes:
-        changes.append(
-            Change("net.ipv4.tcp_timestamps", current("net.ipv4.tcp_timestamps"), 1, "tcp_tw_reuse needs timestamps")
-        )
-    if "TW-BUCKETS-ZERO" in codes or "CONF-TW-BUCKETS-LOWERED" in codes:
-        ehash = current("net.ipv4.tcp_ehash_entries")
-        if isinstance(ehash, int) and ehash:
-            changes.append(
-                Change(
-                    "net.ipv4.tcp_max_tw_buckets",
-                    current("net.ipv4.tcp_max_tw_buckets"),
-                    abs(ehash) // 2,
-                    "restore the kernel default (half the established hash); lowering it only destroys TIME-WAITs",
-                )
-            )
-    rng = current("net.ipv4.ip_local_port_range")
-    if rng and ("EPHEMERAL-SMALL" in codes or "EPHEMERAL-PARITY" in codes):
-        lo, hi = min(rng[0], _DEFAULT_RANGE[0]), max(rng[1], _DEFAULT_RANGE[1])
-        if lo % 2 == hi % 2:
-            hi -= 1
-        unpriv = current("net.ipv4.ip_unprivileged_port_start")
-        if isinstance(unpriv, int):
-            lo = max(lo, unpriv)
-        changes.append(
-            Change(
-                "net.ipv4.ip_local_port_range",
-                rng,
-                (lo, hi),
-                "a wider range with bounds of different parity (connect() and bind(0) each take one parity first)",
-            )
-        )
-    listen = [f for f in report.findings if f.code == "LISTEN-IN-EPHEMERAL"]
-    if listen:
-        reserved = list(current("net.ipv4.ip_local_reserved_ports") or [])
-        ports = listen[0].evidence.get("ports", [])
-        merged = sorted(set(reserved) | {(p, p) for p in ports})
-        changes.append(
-            Change(
-                "net.ipv4.ip_local_reserved_ports",
-                reserved,
-                merged,
-                "keep outgoing connections off the ports of local services",
-            )
-        )
-    for c in changes:
+    """The recommended changes: the fixes the doctor's findings carry, worst finding first, one change
+    per knob, and only changes that change something. Every value is checked against what the running
+    kernel accepts before it is offered."""
+    changes: dict[str, Change] = {}
+    for finding in doctor(root=root).findings:
+        for change in finding.fixes:
+            if change.after != change.before and change.name not in changes:
+                changes[change.name] = change
+    for c in changes.values():
         sysctl.validate(c.name, c.after)
-    return Plan(tuple(changes))
+    return Plan(tuple(changes.values()))
 
 
 def write(p: Plan, path: str | os.PathLike[str]) -> Written:
@@ -180,8 +106,6 @@ def write(p: Plan, path: str | os.PathLike[str]) -> Written:
 
 def apply(p: Plan) -> list[Change]:
     """Set the planned values now (root only); returns before/after for each knob."""
-    from twfix import sysctl
-
     if os.geteuid() != 0:
         raise PermissionError("twfix tune --apply changes kernel settings and must run as root")
     done = []

@@ -1,0 +1,202 @@
+//! Counting while the dump streams: memory grows with distinct keys (ports, peers), never with the
+//! number of sockets.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use super::{LISTEN, Record, TIME_WAIT};
+use crate::errors::{Error, Result};
+
+/// A small multiplicative hasher for the aggregation maps: their keys are a few integers and bytes
+/// chosen by the kernel, not by an attacker who could aim for collisions, and SipHash would cost more
+/// than the rest of the per-socket work.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_ne_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// A set of ports as a 65,536-bit map. The rule that fills it ("inside ip_local_port_range and not in
+/// ip_local_reserved_ports") lives on the Python side (`twfix.sysctl.PortRange`), in one place.
+#[derive(Clone, Default)]
+pub struct PortSet(Vec<u64>);
+
+pub const PORT_SET_BYTES: usize = 65536 / 8;
+
+impl PortSet {
+    /// From 8,192 bytes, bit `p % 8` of byte `p / 8` standing for port `p`; empty bytes: no port.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.is_empty() {
+            return Ok(PortSet::default());
+        }
+        if bytes.len() != PORT_SET_BYTES {
+            return Err(Error::Invalid(format!("a port set is {PORT_SET_BYTES} bytes, got {}", bytes.len())));
+        }
+        Ok(PortSet(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()))
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.get(usize::from(port / 64)).is_some_and(|w| w & (1 << (port % 64)) != 0)
+    }
+
+    pub fn insert(&mut self, port: u16) {
+        if self.0.is_empty() {
+            self.0 = vec![0; 1024];
+        }
+        self.0[usize::from(port / 64)] |= 1 << (port % 64);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+}
+
+/// Per-destination use of ephemeral ports: key (family, local ip, remote ip, remote port).
+pub type UsageKey = (u8, [u8; 16], [u8; 16], u16);
+
+/// Counts by state, port and peer, plus (when the listening ports are known) where TIME-WAIT comes
+/// from and how many ephemeral ports each destination takes.
+#[derive(Default)]
+pub struct Snapshot {
+    pub total: u64,
+    pub by_state: [u64; 32],
+    pub local_ports: FastMap<(u8, u16), u64>,
+    pub remotes: FastMap<(u8, u8, [u8; 16], u16), u64>,
+    /// TIME-WAIT remaining time in 10 s buckets: 0-10, ..., 50-60, >= 60 s.
+    pub tw_hist: [u64; 7],
+    /// TIME-WAITs on a listening port: the server closed first.
+    pub tw_server_side: u64,
+    /// Listening sockets, from a listen-only dump made first (the kernel skips the established hash).
+    pub listeners: Vec<Record>,
+    listening: PortSet,
+    /// Ports an outgoing connection may have been given (the ephemeral set); empty: no usage counts.
+    ephemeral: PortSet,
+    pub usage: FastMap<UsageKey, (u64, u64)>,
+}
+
+impl Snapshot {
+    pub fn new(listeners: Vec<Record>, ephemeral: PortSet) -> Self {
+        let mut listening = PortSet::default();
+        for r in &listeners {
+            listening.insert(r.sport);
+        }
+        Snapshot { listeners, listening, ephemeral, ..Snapshot::default() }
+    }
+
+    pub fn add(&mut self, r: &Record) {
+        self.total += 1;
+        if let Some(slot) = self.by_state.get_mut(usize::from(r.state)) {
+            *slot += 1;
+        }
+        *self.local_ports.entry((r.state, r.sport)).or_insert(0) += 1;
+        if r.has_peer() {
+            *self.remotes.entry((r.state, r.family, r.dst, r.dport)).or_insert(0) += 1;
+        }
+        let on_listening_port = self.listening.contains(r.sport);
+        if r.state == TIME_WAIT {
+            self.tw_hist[(r.expires_ms / 10_000).min(6) as usize] += 1;
+            self.tw_server_side += u64::from(on_listening_port);
+        }
+        // Connections accepted by a listener share its port and consume no ephemeral port.
+        if r.state != LISTEN && r.dport != 0 && !on_listening_port && self.ephemeral.contains(r.sport) {
+            let e = self.usage.entry((r.family, r.src, r.dst, r.dport)).or_insert((0, 0));
+            if r.state == TIME_WAIT {
+                e.1 += 1;
+            } else {
+                e.0 += 1;
+            }
+        }
+    }
+}
+
+/// The `n` largest counts of each state, largest first (ties by key).
+pub fn top_n<K: Copy + Ord>(map: &FastMap<K, u64>, state_of: impl Fn(&K) -> u8, n: usize) -> Vec<(K, u64)> {
+    let mut per_state: HashMap<u8, Vec<(K, u64)>> = HashMap::new();
+    for (k, v) in map {
+        per_state.entry(state_of(k)).or_default().push((*k, *v));
+    }
+    let mut states: Vec<u8> = per_state.keys().copied().collect();
+    states.sort_unstable();
+    let mut out = Vec::new();
+    for s in states {
+        if let Some(mut items) = per_state.remove(&s) {
+            items.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            items.truncate(n);
+            out.extend(items);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::netlink::{decode_diag_msg, tests::sample_msg};
+    use super::*;
+
+    #[test]
+    fn counts_histogram_and_usage() {
+        let mut listener = decode_diag_msg(&sample_msg()).expect("valid");
+        listener.state = LISTEN;
+        listener.sport = 80;
+        let mut ephemeral = PortSet::default();
+        ephemeral.insert(9600);
+        ephemeral.insert(80);
+        let mut s = Snapshot::new(vec![listener], ephemeral);
+        let mut r = decode_diag_msg(&sample_msg()).expect("valid"); // TIME-WAIT 9600 -> 44900
+        s.add(&r);
+        r.expires_ms = 5_000;
+        s.add(&r);
+        r.state = 1;
+        s.add(&r);
+        r.sport = 80; // an accepted connection on the listening port
+        r.state = TIME_WAIT;
+        s.add(&r);
+        assert_eq!((s.total, s.by_state[6], s.by_state[1]), (4, 3, 1));
+        assert_eq!(s.tw_hist, [2, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(s.tw_server_side, 1);
+        assert_eq!(s.usage.len(), 1);
+        assert_eq!(s.usage.values().next(), Some(&(1, 2)));
+        let top = top_n(&s.local_ports, |k| k.0, 5);
+        assert_eq!(top, vec![((1, 9600), 1), ((6, 9600), 2), ((6, 80), 1)]);
+    }
+
+    #[test]
+    fn port_sets() {
+        let mut bytes = vec![0u8; PORT_SET_BYTES];
+        bytes[65535 / 8] |= 1 << (65535 % 8);
+        bytes[1] |= 1; // port 8
+        let set = PortSet::from_bytes(&bytes).expect("valid");
+        assert!(set.contains(65535) && set.contains(8) && !set.contains(9) && !set.contains(0));
+        assert!(PortSet::from_bytes(&[]).expect("empty").is_empty());
+        assert!(PortSet::from_bytes(&[1, 2, 3]).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! The `#[pyfunction]` glue of the socket table: argument conversion, `py.detach` around the dumps,
+//! and building Python objects. No dump, parse or aggregation logic lives here.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyFloat, PyList, PyString, PyTuple};
+
+use super::aggregate::{FastMap, PortSet, Snapshot, top_n};
+use super::stream::{collect, stream};
+use super::{AF_INET, ALL_STATES, Filter, LISTEN, Proto, Query, Source, format_ip, netlink, owners};
+use crate::errors::Error;
+
+/// Sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`, built
+/// directly as the final Python objects (the hot path of `twfix.sockets()`):
+/// `entry_cls(family, state, addr_cls(ip, port), addr_cls(ip, port) | None, uid, inode, expires_s | None,
+/// v6only | None)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings and
+/// address objects repeat a lot in real tables and are shared instead of rebuilt.
+#[pyfunction]
+#[pyo3(signature = (proto, states, port, source, entry_cls, addr_cls, families, state_objs))]
+#[allow(clippy::too_many_arguments)]
+pub fn dump_entries<'py>(
+    py: Python<'py>,
+    proto: &str,
+    states: u32,
+    port: Option<u16>,
+    source: &str,
+    entry_cls: &Bound<'py, PyAny>,
+    addr_cls: &Bound<'py, PyAny>,
+    families: Vec<Bound<'py, PyAny>>,
+    state_objs: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyList>> {
+    let q = Query {
+        proto: Proto::parse(proto)?,
+        states,
+        source: Source::parse(source)?,
+        filter: port.map_or(Filter::All, Filter::LocalPort),
+    };
+    if families.len() != 2 || state_objs.len() != 14 {
+        return Err(
+            Error::Invalid("families must hold 2 objects (AF_INET, AF_INET6), state_objs 14 (0..13)".into()).into()
+        );
+    }
+    let (records, _exact) = py.detach(|| collect(&q, Vec::new, |v, r| v.push(*r)))?;
+    let tuple_new = py.get_type::<PyTuple>().getattr("__new__")?;
+    let none = py.None().into_bound(py);
+    let (yes, no) = (true.into_pyobject(py)?.to_owned().into_any(), false.into_pyobject(py)?.to_owned().into_any());
+    let mut strings: FastMap<(u8, [u8; 16]), Bound<'py, PyString>> = FastMap::default();
+    let mut addrs: FastMap<(u8, [u8; 16], u16), Bound<'py, PyAny>> = FastMap::default();
+    const CACHE_LIMIT: usize = 1 << 16;
+    let mut addr_obj = |family: u8, ip: [u8; 16], port: u16| -> PyResult<Bound<'py, PyAny>> {
+        if let Some(a) = addrs.get(&(family, ip, port)) {
+            return Ok(a.clone());
+        }
+        let text = match strings.get(&(family, ip)) {
+            Some(t) => t.clone(),
+            None => {
+                let t = PyString::new(py, &format_ip(family, &ip));
+                if strings.len() < CACHE_LIMIT {
+                    strings.insert((family, ip), t.clone());
+                }
+                t
+            }
+        };
+        let pair = PyTuple::new(py, [text.into_any(), port.into_pyobject(py)?.into_any()])?;
+        let obj = tuple_new.call1((addr_cls, pair))?;
+        if addrs.len() < CACHE_LIMIT {
+            addrs.insert((family, ip, port), obj.clone());
+        }
+        Ok(obj)
+    };
+    let list = PyList::empty(py);
+    for r in &records {
+        let family = if r.family == AF_INET { &families[0] } else { &families[1] };
+        let state = state_objs.get(usize::from(r.state)).unwrap_or(&state_objs[super::CLOSE as usize]);
+        let laddr = addr_obj(r.family, r.src, r.sport)?;
+        let raddr = if r.dport != 0 { addr_obj(r.family, r.dst, r.dport)? } else { none.clone() };
+        let expires = match r.expires() {
+            Some(ms) => PyFloat::new(py, f64::from(ms) / 1000.0).into_any(),
+            None => none.clone(),
+        };
+        let v6only = match r.v6only {
+            Some(true) => yes.clone(),
+            Some(false) => no.clone(),
+            None => none.clone(),
+        };
+        let fields = PyTuple::new(
+            py,
+            [
+                family.clone(),
+                state.clone(),
+                laddr,
+                raddr,
+                r.uid.into_pyobject(py)?.into_any(),
+                r.inode.into_pyobject(py)?.into_any(),
+                expires,
+                v6only,
+            ],
+        )?;
+        list.append(tuple_new.call1((entry_cls, fields))?)?;
+    }
+    Ok(list)
+}
+
+pub type PyListener = (u8, String, u16, u32, u64, Option<bool>);
+pub type PyUsage = (u8, String, String, u16, u64, u64);
+pub type PySnapshot = (
+    u64,
+    Vec<(u8, u64)>,
+    Vec<(u8, u16, u64)>,
+    Vec<(u8, u8, String, u16, u64)>,
+    Vec<u64>,
+    u64,
+    Vec<PyListener>,
+    Vec<PyUsage>,
+    bool,
+);
+
+/// One walk of the table, aggregated while it streams: (total, per-state counts, top local ports per
+/// state, top remote endpoints per state, TIME-WAIT remaining-time histogram in 10 s buckets,
+/// server-side TIME-WAITs, listeners as (family, ip, port, uid, inode, v6only), ephemeral use per
+/// destination as (family, local, remote, remote port, in use, in TIME-WAIT), exact).
+///
+/// `ephemeral` is a port set (8,192 bytes, or empty for no usage counts). For TCP, a listen-only dump
+/// comes first: it is cheap (the kernel skips the established hash) and tells server-side TIME-WAIT
+/// and accepted connections apart from outgoing ones.
+#[pyfunction]
+#[pyo3(signature = (proto, top, ephemeral, source="auto"))]
+pub fn snapshot(py: Python<'_>, proto: &str, top: usize, ephemeral: &[u8], source: &str) -> PyResult<PySnapshot> {
+    let proto = Proto::parse(proto)?;
+    let source = Source::parse(source)?;
+    let ephemeral = PortSet::from_bytes(ephemeral)?;
+    let snap = py.detach(|| -> crate::errors::Result<(Snapshot, bool)> {
+        let mut listeners = Vec::new();
+        if proto == Proto::Tcp {
+            let q = Query { proto, states: 1 << LISTEN, source, filter: Filter::All };
+            stream(&q, |r| listeners.push(*r))?;
+        }
+        let q = Query { proto, states: ALL_STATES, source, filter: Filter::All };
+        collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone()), Snapshot::add)
+    });
+    let (s, exact) = snap?;
+    let counts = s.by_state.iter().enumerate().filter(|(_, c)| **c > 0).map(|(st, c)| (st as u8, *c)).collect();
+    let ports = top_n(&s.local_ports, |k| k.0, top).into_iter().map(|((st, p), c)| (st, p, c)).collect();
+    let remotes =
+        top_n(&s.remotes, |k| k.0, top).into_iter().map(|((st, f, a, p), c)| (st, f, format_ip(f, &a), p, c)).collect();
+    let listeners = s
+        .listeners
+        .iter()
+        .map(|r| (r.family, format_ip(r.family, &r.src), r.sport, r.uid, r.inode, r.v6only))
+        .collect();
+    let mut usage: Vec<PyUsage> = s
+        .usage
+        .iter()
+        .map(|(&(f, src, dst, dport), &(used, tw))| (f, format_ip(f, &src), format_ip(f, &dst), dport, used, tw))
+        .collect();
+    usage.sort_unstable_by(|a, b| (b.4 + b.5).cmp(&(a.4 + a.5)).then_with(|| a.cmp(b)));
+    Ok((s.total, counts, ports, remotes, s.tw_hist.to_vec(), s.tw_server_side, listeners, usage, exact))
+}
+
+/// ([(inode, pid)] for every process holding each inode, number of processes that could not be read).
+#[pyfunction]
+pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<(u64, u32)>, u64)> {
+    Ok(py.detach(|| owners::owners(&inodes))?)
+}
+
+/// A bare dump that only receives and discards: the kernel's own cost, for benchmarks. By default one
+/// SOCK_DIAG_BY_FAMILY dump per family (what `ss` does); `one_walk=True` uses the single TCP dump
+/// that twfix itself prefers.
+#[pyfunction]
+#[pyo3(signature = (proto, states, one_walk=false))]
+pub fn netlink_discard(py: Python<'_>, proto: &str, states: u32, one_walk: bool) -> PyResult<u64> {
+    let proto = Proto::parse(proto)?;
+    Ok(py.detach(|| netlink::discard(proto, states, one_walk))?)
+}
