@@ -123,34 +123,9 @@ fn write_one(name: &str, value: &str) -> Result<Option<String>> {
     Ok(before)
 }
 
-/// Run `f` in a new thread that first joins the network namespace at `ns_path`.
-fn in_netns<T: Send + 'static>(ns_path: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    if ns_path.is_empty() || ns_path.contains('\0') {
-        return Err(Error::Invalid(format!("invalid namespace path {ns_path:?}")));
-    }
-    let ns = std::fs::File::open(ns_path).map_err(|e| Error::os(e, format!("open namespace {ns_path}")))?;
-    let path = ns_path.to_owned();
-    let handle = std::thread::Builder::new()
-        .name("twfix-netns".into())
-        .spawn(move || -> Result<T> {
-            // Joins the namespace on this thread only; the caller's threads stay where they are.
-            match nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET) {
-                Ok(()) => f(),
-                Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{path} is not a network namespace"))),
-                Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({path})") }),
-            }
-        })
-        .map_err(|e| Error::os(e, "spawn namespace thread"))?;
-    handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
-}
-
 /// Read raw values (None for knobs the kernel lacks), in `netns` when given.
 pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Option<String>>> {
-    let work = move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>();
-    match netns {
-        None => work(),
-        Some(path) => in_netns(&path, work),
-    }
+    crate::netns::run(netns, move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>())
 }
 
 /// (canonical key, raw value or None when absent) for each name, read in `netns` when given.

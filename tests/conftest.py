@@ -116,6 +116,14 @@ def time_wait_pairs(server: socket.socket, count: int, *, server_closes: bool) -
         done += batch
 
 
+def listener_without_reuseaddr(host: str = "127.0.0.1", port: int = 0) -> tuple[socket.socket, int]:
+    """A listener set up the way most servers forget to: no SO_REUSEADDR. Returns it and its port."""
+    old = socket.socket()
+    old.bind((host, port))
+    old.listen()
+    return old, old.getsockname()[1]
+
+
 @functools.cache
 def unprivileged_python() -> tuple[str, str]:
     """(interpreter, PYTHONPATH) that uid 65534 can use wherever the checkout and its venv live.

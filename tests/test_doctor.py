@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import twfix
-from tests.conftest import NetNS, run_unprivileged, time_wait_pairs
+from tests.conftest import NetNS, listener_without_reuseaddr, run_unprivileged, time_wait_pairs
 from twfix.doctor import Report, Severity
 
 
@@ -287,10 +287,7 @@ def test_fact_tw_reuse_never_helps_bind(netns: NetNS) -> None:
     """tcp_tw_reuse is consulted by connect() only: a restart over TIME-WAIT of an old server without
     SO_REUSEADDR fails with every value of it."""
     netns.write_sysctl("net.ipv4.tcp_tw_reuse", "1")
-    old = socket.socket()
-    old.bind(("127.0.0.1", 0))
-    old.listen()
-    port = old.getsockname()[1]
+    old, port = listener_without_reuseaddr()
     with old:
         time_wait_pairs(old, 2, server_closes=True)
     with pytest.raises(twfix.AddressInUseError):

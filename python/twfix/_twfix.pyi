@@ -12,11 +12,13 @@ __all__ = [
     "__version__",
     "bind_socket",
     "dump_entries",
+    "listeners_in",
     "make_reusable",
     "netlink_discard",
     "read_sysctls",
     "snapshot",
     "socket_owners",
+    "socket_reuse_flags",
     "sysctl_key",
     "write_sysctl",
 ]
@@ -66,7 +68,9 @@ def snapshot(
     list[tuple[int, str, str, int, int, int]],
     bool,
 ]: ...
-def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int]], int]: ...
+def listeners_in(proto: str, port: int, netns: str | None = None) -> list[tuple[int, str, int]]: ...
+def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int, int]], int]: ...
+def socket_reuse_flags(pid: int, fd: int, inode: int) -> tuple[bool, bool]: ...
 def netlink_discard(proto: str, states: int, one_walk: bool = False) -> int: ...
 
 # Sysctls: (canonical key, raw text or None for knobs the running kernel lacks).

@@ -2,15 +2,19 @@
 
 The verdict rests on two witnesses: a probe bind made right now (with and without the reuse options),
 which is what the kernel actually decides, and the socket table, which says who is in the way:
-live sockets with their owning processes, and TIME-WAIT remnants with their remaining time.
+live sockets with every process holding them, kernel-owned sockets (TIME-WAIT, orphaned closes) with
+their remaining time, and, when nothing here explains it, listeners in other network namespaces.
 
 Kernel facts used (see the project's reference on Linux TIME-WAIT):
 
 * A TIME-WAIT socket carries the SO_REUSEADDR flag of the socket it came from (an accepted connection
   inherits it from its listener); a new bind passes it only if both have the flag.
 * TIME-WAIT lasts a fixed 60 s on Linux (no sysctl changes that).
-* A wildcard address (0.0.0.0, ::) overlaps every specific address of its family.
+* A wildcard address (0.0.0.0, ::) overlaps every specific address of its family; an IPv6 socket with
+  IPV6_V6ONLY never overlaps IPv4, a dual-stack one (``[::]`` without it) overlaps all of IPv4.
+* connect() takes ports of the range's low parity first, bind(0) the other parity.
 * ``ip_local_reserved_ports`` only keeps ports from automatic assignment; explicit binds ignore it.
+* Probing never joins a live UDP SO_REUSEPORT group: a bound member would take some of its datagrams.
 """
 
 from __future__ import annotations
@@ -22,22 +26,32 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
-from twfix import _twfix, sysctl
+from twfix import _twfix, netns, sysctl
 from twfix._args import check_host, check_kind, check_port, resolve
 from twfix._html import SEVERITY_COLOURS, table
-from twfix.diag import SocketEntry, TcpState, format_endpoint, holders_of, port_entries
+from twfix.diag import Process, SocketEntry, TcpState, format_endpoint, holders_of, port_entries
 from twfix.errors import AddressInUseError
 from twfix.sysctl import PortRange
 
-__all__ = ["Explanation", "Holder", "address_in_use", "explain"]
+__all__ = ["Explanation", "Holder", "NamespaceHolder", "address_in_use", "explain", "overlaps"]
 
 Kind = Literal["tcp", "udp"]
 _KINDS: Final = ("tcp", "udp")
 
 
+_ORPHAN_STATES: Final = frozenset(
+    {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT}
+)
+
+
 @dataclass(frozen=True)
 class Holder:
-    """A socket bound to the port in question, with its owner when it could be found."""
+    """A socket bound to the port in question, with every process holding it when they could be seen.
+
+    ``processes`` lists them all (a prefork server's master and workers); ``pid``, ``name`` and
+    ``cmdline`` are the first. ``orphan`` marks a connection no process holds any more (the kernel is
+    finishing its close). ``name`` and ``cmdline`` are raw text chosen by whoever started the process.
+    """
 
     state: str
     laddr: tuple[str, int]
@@ -46,13 +60,28 @@ class Holder:
     pid: int | None = None
     name: str | None = None
     cmdline: tuple[str, ...] = ()
+    processes: tuple[Process, ...] = ()
+    orphan: bool = False
+    inode: int = 0
 
     def describe(self) -> str:
-        who = f"pid {self.pid} ({self.name})" if self.pid is not None else "an unknown process"
-        if self.pid is None and self.uid is not None:
-            who += f" of uid {self.uid}"
         peer = f" to {format_endpoint(*self.raddr)}" if self.raddr else ""
+        if self.orphan:
+            who = "no process: an orphaned connection the kernel is closing"
+        elif self.processes:
+            who = ", ".join(f"pid {p.pid} ({p.name})" for p in self.processes)
+        else:
+            who = "a process not visible here" + (f" (uid {self.uid})" if self.uid is not None else "")
         return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
+
+
+@dataclass(frozen=True)
+class NamespaceHolder:
+    """A listener on the port in another network namespace of this host (a container, an ``ip netns``)."""
+
+    netns: str
+    laddr: tuple[str, int]
+    pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,7 +90,10 @@ class Explanation:
 
     ``verdict`` is one line; ``reasons`` and ``advice`` expand it. ``can_bind`` is the result of a
     plain bind, ``can_bind_with_reuse`` of a bind with twfix's options (SO_REUSEADDR for TCP,
-    SO_REUSEPORT for UDP), both probed on the live kernel.
+    SO_REUSEPORT for UDP), both probed on the live kernel (for UDP next to a live socket the reuse
+    probe is not made, and ``can_bind_with_reuse`` is False). ``cause`` is a stable code for the
+    situation and ``confidence`` says how sure the verdict is ("certain", or "likely" where the kernel
+    keeps no record of the answer, such as which side a TIME-WAIT came from).
     """
 
     kind: str
@@ -80,6 +112,10 @@ class Explanation:
     reserved: bool = False
     privileged: bool = False
     incomplete: str | None = field(default=None)
+    cause: str = ""
+    confidence: str = "certain"
+    dualstack: bool = False
+    elsewhere: tuple[NamespaceHolder, ...] = ()
 
     def __str__(self) -> str:
         lines = [self.verdict]
@@ -114,15 +150,16 @@ def _port_settings() -> tuple[PortRange | None, int]:
         ports = None
     try:
         start = sysctl.get("net.ipv4.ip_unprivileged_port_start")
-    except (OSError, LookupError):
+    except (OSError, LookupError, ValueError):
         start = 1024
     return ports, start if isinstance(start, int) else 1024
 
 
 def _probe(kind: str, family: int, ip: str, port: int, flags: int) -> int:
-    """Bind a throw-away socket the way the caller would; returns 0 or the errno."""
+    """Bind a throw-away socket the way the caller would (IPv6: v6-only unless the flags ask for
+    dual-stack); returns 0 or the errno. It never listens, so it never takes a connection."""
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
-    if family == socket.AF_INET6:
+    if family == socket.AF_INET6 and not flags & _twfix.F_DUALSTACK:
         flags |= _twfix.F_V6ONLY
     with socket.socket(family, sotype) as probe:
         try:
@@ -140,203 +177,442 @@ def _unmap(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
-def _overlaps(family: int, ip: str, entry_family: int, entry_ip: str) -> bool:
-    """Could a socket bound to entry_ip conflict with a bind to ip (same port)?"""
-    if family == entry_family:
-        return _is_wildcard(ip) or _is_wildcard(entry_ip) or ip == entry_ip
-    if family == socket.AF_INET and entry_family == socket.AF_INET6:
-        # An IPv6 socket covers IPv4 only as a dual-stack wildcard or through a v4-mapped address.
-        return entry_ip == "::" or (
-            entry_ip.startswith("::ffff:") and (_is_wildcard(ip) or _unmap(entry_ip) in (ip, "0.0.0.0"))
-        )
-    return False  # twfix binds IPv6 with IPV6_V6ONLY, which never conflicts with IPv4 sockets
+def overlaps(family: int, ip: str, dualstack: bool, entry: SocketEntry) -> bool:
+    """Could ``entry`` conflict with a bind of ``ip`` (same port, ``family``; an IPv6 bind is v6-only
+    unless ``dualstack``)? An IPv6 entry whose v6-only flag the source did not report (``/proc``)
+    counts as dual-stack: the cautious answer."""
+    e_ip = entry.laddr.ip
+    if entry.family == family:
+        return _is_wildcard(ip) or _is_wildcard(e_ip) or ip == e_ip
+    if family == socket.AF_INET:  # an IPv6 entry covers IPv4 as a dual-stack wildcard or a v4-mapped address
+        if e_ip == "::":
+            return entry.v6only is not True
+        return e_ip.startswith("::ffff:") and (_is_wildcard(ip) or _unmap(e_ip) in (ip, "0.0.0.0"))
+    if not dualstack:  # a v6-only bind never conflicts with IPv4 sockets
+        return False
+    return ip == "::" or _is_wildcard(e_ip) or _unmap(ip) == e_ip
 
 
-def _owners(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Holder], str | None]:
-    """Live (non-TIME-WAIT) sockets as holders with their owning processes."""
+def _holders(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Holder], str | None]:
+    """Sockets as holders with every process holding them; kernel-owned ones marked as orphans."""
     found = holders_of(entries, port, kind)
     out = [
         Holder(
-            "UNCONN" if kind == "udp" and h.state == TcpState.CLOSE else str(h.state),
+            str(h.state),
             (h.laddr.ip, h.laddr.port),
             (h.raddr.ip, h.raddr.port) if h.raddr else None,
             h.uid,
             h.pid,
             h.name,
             h.cmdline,
+            h.processes,
+            orphan=h.inode == 0 and h.state in _ORPHAN_STATES,
+            inode=h.inode,
         )
         for h in found.holders
     ]
     return out, found.note
 
 
-def _analyse(kind: str, host: str, family: int, ip: str, port: int, reuse_flags: int) -> Explanation:
+@dataclass
+class _Facts:
+    """What the probes and the table showed; the verdict is built from these."""
+
+    kind: str
+    host: str
+    family: int
+    ip: str
+    port: int
+    dualstack: bool
+    plain: int
+    reuse: int | None
+    ports: PortRange | None
+    unprivileged_start: int
+    listeners: list[Holder] = field(default_factory=list)
+    connections: list[Holder] = field(default_factory=list)
+    orphans: list[Holder] = field(default_factory=list)
+    time_wait: list[SocketEntry] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{format_endpoint(self.ip, self.port)}/{self.kind}" + (" (dual-stack)" if self.dualstack else "")
+
+
+def _analyse(
+    kind: str, host: str, family: int, ip: str, port: int, flags: int, *, elsewhere: bool = True
+) -> Explanation:
+    dualstack = bool(flags & _twfix.F_DUALSTACK)
+    base = flags & (_twfix.F_DUALSTACK | _twfix.F_V6ONLY)
+    reuse_flags = flags & (_twfix.F_REUSE_ADDR | _twfix.F_REUSE_PORT) or _reuse_flags(kind)
     address = (ip, port)
-    where = f"{format_endpoint(ip, port)}/{kind}"
     if port == 0:
-        return Explanation(
-            kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True, advice=()
-        )
-    plain = _probe(kind, family, ip, port, 0)
-    reuse = _probe(kind, family, ip, port, reuse_flags)
-    ephemeral, unpriv = _port_settings()
-    in_range = ephemeral is not None and ephemeral.contains(port)
-    reserved = ephemeral is not None and ephemeral.is_reserved(port)
-    privileged = port < unpriv
-    reasons: list[str] = []
-    advice: list[str] = []
-
-    if plain == errno.EACCES or reuse == errno.EACCES:
-        return Explanation(
-            kind,
-            host,
-            address,
-            f"{where}: port {port} is privileged (below ip_unprivileged_port_start={unpriv}); "
-            "binding it needs root or CAP_NET_BIND_SERVICE",
-            False,
-            False,
-            advice=("use a port >= ip_unprivileged_port_start, or grant CAP_NET_BIND_SERVICE",),
-            privileged=True,
-        )
+        where = f"{format_endpoint(ip, port)}/{kind}"
+        return Explanation(kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True)
+    plain = _probe(kind, family, ip, port, base)
+    ports, unprivileged = _port_settings()
+    facts = _Facts(kind, host, family, ip, port, dualstack, plain, None, ports, unprivileged)
+    if plain == errno.EACCES:
+        return _explain_privileged(facts)
     if plain == errno.EADDRNOTAVAIL:
-        return Explanation(
-            kind,
-            host,
-            address,
-            f"{where}: {ip} is not an address of this host (EADDRNOTAVAIL), so nothing can bind it",
-            False,
-            False,
-            advice=("bind an address that is configured on an interface, or the wildcard",),
+        return _build(
+            facts,
+            "not-local",
+            f"{facts.where}: {ip} is not an address of this host (EADDRNOTAVAIL), so nothing can bind it",
+            advice=["bind an address that is configured on an interface, or the wildcard"],
+            can_reuse=False,
         )
-
-    rows = [e for e in port_entries(kind, port) if _overlaps(family, ip, e.family, e.laddr.ip)]
-    tw_rows = [e for e in rows if e.state == TcpState.TIME_WAIT]
-    live_rows = [e for e in rows if e.state != TcpState.TIME_WAIT]
-    live: list[Holder] = []
-    incomplete = None
-    if live_rows:
-        live, incomplete = _owners(live_rows, kind, port)
-    frees = max((e.expires for e in tw_rows if e.expires is not None), default=None)
-    frees = round(frees, 1) if frees is not None else None
-    tw_reuse: bool | None = None
-    if tw_rows and not live and kind == "tcp":
-        tw_reuse = reuse == 0
-
-    listeners = [h for h in live if h.state == "LISTEN" or kind == "udp"]
-    others = [h for h in live if h not in listeners]
-    opt = "SO_REUSEADDR" if kind == "tcp" else "SO_REUSEPORT"
-
-    if plain == 0:
-        verdict = f"{where} is free: a bind would succeed now"
-        if tw_rows:
-            reasons.append(f"{len(tw_rows)} TIME-WAIT socket(s) remain on the port but do not block this bind")
-    elif listeners:
-        first = listeners[0]
-        overlap = "" if first.laddr[0] == ip else f" (overlapping {format_endpoint(*first.laddr)})"
-        verdict = f"{where} is in use by a live {'listener' if kind == 'tcp' else 'socket'}{overlap}: " + (
-            f"pid {first.pid} ({first.name})" if first.pid is not None else "its owner could not be seen"
-        )
-        for h in listeners:
-            reasons.append(h.describe())
-        if first.laddr[0] != ip:
-            reasons.append(
-                f"{format_endpoint(*first.laddr)} overlaps {format_endpoint(ip, port)}: a wildcard address covers "
-                "every address of its family, and Linux refuses the overlap even with SO_REUSEADDR"
-            )
-        if reuse == 0:
-            reasons.append(f"the holder set {opt} as well (same user), so a bind with {opt} shares the port")
-            advice.append(f"pass reuse_port=True only if you really want both to share the port ({opt})")
-        else:
-            advice.append("stop the process holding the port, or choose another port")
-    elif tw_rows and not others:
-        secs = f"{frees:.0f}" if frees is not None else "60"
-        if reuse == 0:
-            verdict = (
-                f"{where} is blocked only by {len(tw_rows)} TIME-WAIT connection(s); a bind with SO_REUSEADDR "
-                "(twfix.reusable_tcp_server) succeeds now"
-            )
-            reasons.append(
-                "the TIME-WAIT sockets inherited SO_REUSEADDR from their listener, so they yield to a new "
-                "bind that sets it too"
-            )
-        else:
-            verdict = (
-                f"{where} is blocked by {len(tw_rows)} TIME-WAIT connection(s) of a previous server that did not set "
-                f"SO_REUSEADDR; the port frees in about {secs} s"
-            )
-            reasons.append(
-                "a TIME-WAIT socket only yields to a new bind if the old listener also had SO_REUSEADDR "
-                "(the flag is inherited by its connections); this one did not, so even SO_REUSEADDR cannot bind now"
-            )
-            reasons.append("TIME-WAIT lasts a fixed 60 s on Linux; tcp_fin_timeout does not shorten it")
-            advice.append(f"wait about {secs} s, or bind another port meanwhile")
-            advice.append(
-                "make the server set SO_REUSEADDR before bind() (twfix.reusable_tcp_server does) so that the next "
-                "restart is immediate"
-            )
-    elif others:
-        first = others[0]
-        if ephemeral is not None and ephemeral.assigns(port) and first.raddr is not None:
-            verdict = (
-                f"{where} is held by a connection that took it from the ephemeral range "
-                f"{ephemeral.low}-{ephemeral.high}"
-            )
-            advice.append(
-                "keep service ports outside net.ipv4.ip_local_port_range, or list them in "
-                "net.ipv4.ip_local_reserved_ports so that outgoing connections never take them"
-            )
-        else:
-            verdict = f"{where} is in use by {len(others)} connection(s) bound to the port"
-            advice.append("close those connections (a previous instance may still be running), or choose another port")
-        reasons += [h.describe() for h in others]
-        if tw_rows:
-            reasons.append(f"{len(tw_rows)} TIME-WAIT socket(s) also remain on the port")
+    # A live listener explains most conflicts, and a listen-only dump costs next to nothing (the kernel
+    # skips the established hash); the whole-table walk is made only when it does not.
+    if plain != 0 and kind == "tcp":
+        live = [e for e in port_entries(kind, port, states=[TcpState.LISTEN]) if overlaps(family, ip, dualstack, e)]
+        if live:
+            facts.listeners, facts.note = _holders(live, kind, port)
+            facts.reuse = _probe(kind, family, ip, port, base | reuse_flags)
+            return _explain_listener(facts)
+    rows = [e for e in port_entries(kind, port) if overlaps(family, ip, dualstack, e)]
+    facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
+    others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port)
+    facts.orphans = [h for h in others if h.orphan]
+    facts.listeners = [h for h in others if not h.orphan and (h.state == "LISTEN" or kind == "udp")]
+    facts.connections = [h for h in others if not h.orphan and h not in facts.listeners]
+    # UDP: binding a probe with SO_REUSEPORT next to a live socket would join its reuseport group and
+    # take some of its datagrams. There the holders' own options are read instead (a duplicate of their
+    # descriptor), and the kernel's rule applied to them.
+    if kind == "tcp" or not facts.listeners:
+        facts.reuse = _probe(kind, family, ip, port, base | reuse_flags)
     else:
-        verdict = f"{where} cannot be bound now ({os.strerror(plain)}), but no socket on it is visible"
-        reasons.append("the socket table shows nothing on this port in this network namespace")
+        facts.reuse = _udp_reuse_by_reading(facts.listeners, reuse_flags)
+    if plain == 0:
+        return _explain_free(facts, elsewhere)
+    if facts.listeners:
+        return _explain_listener(facts)
+    if facts.orphans and not facts.connections:
+        return _explain_orphans(facts)
+    if facts.time_wait and not facts.connections:
+        return _explain_time_wait(facts)
+    if facts.connections:
+        return _explain_connections(facts)
+    return _explain_unseen(facts, elsewhere)
 
-    if kind == "tcp" and reuse == 0 and plain != 0 and not listeners and not tw_rows:
-        advice.append("a bind with SO_REUSEADDR succeeds now (twfix.reusable_tcp_server)")
-    if ephemeral is not None and ephemeral.assigns(port) and plain != 0:
-        reasons.append(f"port {port} lies inside the ephemeral range, where outgoing connections may take it")
+
+def _udp_reuse_by_reading(holders: list[Holder], flags: int) -> int | None:
+    """What a UDP bind with ``flags`` would get next to ``holders``, from their own socket options: 0,
+    EADDRINUSE, or None when one of them cannot be inspected. The kernel lets two UDP sockets overlap
+    when both set SO_REUSEADDR, or both set SO_REUSEPORT under the same effective uid."""
+    for h in holders:
+        proc = next((p for p in h.processes if p.fd is not None), None)
+        if proc is None or proc.fd is None:
+            return None
+        try:
+            addr, port_ = _twfix.socket_reuse_flags(proc.pid, proc.fd, h.inode)
+        except OSError:
+            return None
+        shares = (addr and flags & _twfix.F_REUSE_ADDR) or (
+            port_ and flags & _twfix.F_REUSE_PORT and h.uid == os.geteuid()
+        )
+        if not shares:
+            return errno.EADDRINUSE
+    return 0
+
+
+def _build(
+    f: _Facts,
+    cause: str,
+    verdict: str,
+    *,
+    reasons: list[str] | None = None,
+    advice: list[str] | None = None,
+    holders: list[Holder] | None = None,
+    can_reuse: bool | None = None,
+    tw_reuse: bool | None = None,
+    frees_in: float | None = None,
+    confidence: str = "certain",
+    elsewhere: tuple[NamespaceHolder, ...] = (),
+) -> Explanation:
+    reasons = list(reasons or [])
+    if f.ports is not None and f.ports.assigns(f.port) and f.plain != 0:
+        reasons.append(f"port {f.port} lies inside the ephemeral range, where outgoing connections may take it")
+    reserved = f.ports is not None and f.ports.is_reserved(f.port)
     if reserved:
-        reasons.append(f"port {port} is in ip_local_reserved_ports: only automatic assignment skips it")
-    if incomplete:
-        reasons.append(incomplete)
+        reasons.append(f"port {f.port} is in ip_local_reserved_ports: only automatic assignment skips it")
+    if f.note:
+        reasons.append(f.note)
     return Explanation(
-        kind,
-        host,
-        address,
+        f.kind,
+        f.host,
+        (f.ip, f.port),
         verdict,
-        plain == 0,
-        reuse == 0,
+        f.plain == 0,
+        (f.reuse == 0) if can_reuse is None else can_reuse,
         tuple(reasons),
-        tuple(advice),
-        tuple(live),
-        len(tw_rows),
+        tuple(advice or []),
+        tuple(holders if holders is not None else f.listeners + f.connections + f.orphans),
+        len(f.time_wait),
         tw_reuse,
-        frees,
-        in_range,
+        frees_in,
+        f.ports is not None and f.ports.contains(f.port),
         reserved,
-        privileged,
-        incomplete,
+        f.port < f.unprivileged_start,
+        f.note,
+        cause,
+        confidence,
+        f.dualstack,
+        elsewhere,
     )
 
 
-def explain(port: int, host: str = "", kind: str = "tcp") -> Explanation:
+def _explain_privileged(f: _Facts) -> Explanation:
+    return _build(
+        f,
+        "privileged",
+        f"{f.where}: port {f.port} is privileged (below ip_unprivileged_port_start={f.unprivileged_start}); "
+        "binding it needs root or CAP_NET_BIND_SERVICE",
+        advice=["use a port >= ip_unprivileged_port_start, or grant CAP_NET_BIND_SERVICE"],
+        can_reuse=False,
+    )
+
+
+def _seconds(entries: list[SocketEntry]) -> float | None:
+    left = max((e.expires for e in entries if e.expires is not None), default=None)
+    return round(left, 1) if left is not None else None
+
+
+def _explain_free(f: _Facts, elsewhere: bool) -> Explanation:
+    reasons = []
+    if f.time_wait:
+        reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) remain on the port but do not block this bind")
+    found = _listeners_elsewhere(f) if elsewhere else ()
+    for h in found:
+        pids = f" (pid {', '.join(map(str, h.pids))})" if h.pids else ""
+        reasons.append(
+            f"note: {format_endpoint(*h.laddr)} listens in another network namespace, {h.netns}{pids}; "
+            "it does not conflict here, but clients in that namespace reach that one"
+        )
+    return _build(f, "free", f"{f.where} is free: a bind would succeed now", reasons=reasons, elsewhere=found)
+
+
+def _explain_listener(f: _Facts) -> Explanation:
+    first = f.listeners[0]
+    noun = "listener" if f.kind == "tcp" else "socket"
+    overlap = "" if first.laddr[0] == f.ip else f" (overlapping {format_endpoint(*first.laddr)})"
+    if first.processes:
+        owner = ", ".join(f"pid {p.pid} ({p.name})" for p in first.processes)
+    else:
+        owner = "its owner could not be seen"
+    reasons = [h.describe() for h in f.listeners]
+    advice = []
+    if first.laddr[0] != f.ip:
+        if f.kind == "tcp":
+            rule = "Linux refuses the overlap even with SO_REUSEADDR (only SO_REUSEPORT of the same user shares it)"
+        else:
+            rule = (
+                "two UDP sockets share overlapping addresses only if both set SO_REUSEADDR (any user: the "
+                "datagram theft twfix avoids) or both set SO_REUSEPORT (same user)"
+            )
+        what = "a dual-stack [::] covers every IPv4 address too" if f.dualstack or ":" in first.laddr[0] else ""
+        reasons.append(
+            f"{format_endpoint(*first.laddr)} overlaps {format_endpoint(f.ip, f.port)}: a wildcard address covers "
+            f"every address of its family{'; ' + what if what else ''}, and {rule}"
+        )
+    opt = "SO_REUSEADDR" if f.kind == "tcp" else "SO_REUSEPORT"
+    if f.reuse == 0:
+        reasons.append("the holder set SO_REUSEPORT as well (same user), so a bind with it shares the port")
+        advice.append("pass reuse_port=True only if you really want both to share the port (SO_REUSEPORT)")
+    else:
+        if f.reuse is None:
+            reasons.append(
+                f"whether the holder set {opt} could not be read (its process is not inspectable), and twfix "
+                "never probes by joining a live UDP socket's SO_REUSEPORT group (a member takes its datagrams)"
+            )
+        advice.append("stop the process holding the port, or choose another port")
+    return _build(
+        f,
+        "listener",
+        f"{f.where} is in use by a live {noun}{overlap}: {owner}",
+        reasons=reasons,
+        advice=advice,
+        holders=f.listeners,
+    )
+
+
+def _explain_orphans(f: _Facts) -> Explanation:
+    states = sorted({h.state for h in f.orphans})
+    frees = _seconds([e for e in port_entries(f.kind, f.port) if e.inode == 0 and e.state != TcpState.TIME_WAIT])
+    reasons = [h.describe() for h in f.orphans]
+    reasons.append(
+        "orphans are connections of a socket that was closed (or whose process died) while the peer had not "
+        "finished: the kernel completes the close on its own"
+    )
+    if TcpState.FIN_WAIT2 in states:
+        reasons.append(
+            "an orphaned FIN_WAIT2 lasts net.ipv4.tcp_fin_timeout (default 60 s): the one place where that knob matters"
+        )
+    if {"FIN_WAIT1", "CLOSING", "LAST_ACK"} & set(states):
+        reasons.append(
+            "FIN_WAIT1, CLOSING and LAST_ACK orphans last until their FIN is acknowledged or the retransmissions "
+            "allowed by net.ipv4.tcp_orphan_retries run out"
+        )
+    if f.time_wait:
+        reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) also remain on the port")
+    secs = f" (about {frees:.0f} s left on the longest timer)" if frees is not None else ""
+    if f.reuse == 0:
+        verdict = (
+            f"{f.where} is held only by {len(f.orphans)} orphaned connection(s) of a closed server; a bind with "
+            f"SO_REUSEADDR (twfix.reusable_tcp_server) succeeds now{secs}"
+        )
+        advice = ["bind with SO_REUSEADDR (twfix.reusable_tcp_server) instead of waiting"]
+    else:
+        verdict = f"{f.where} is held by {len(f.orphans)} orphaned connection(s) of a closed server{secs}"
+        advice = ["wait for the kernel to finish closing them, or bind another port meanwhile"]
+    return _build(f, "orphans", verdict, reasons=reasons, advice=advice, holders=f.orphans, frees_in=frees)
+
+
+def _client_side(f: _Facts) -> tuple[bool, str]:
+    """Did the TIME-WAITs on the port come from an outgoing connection that used it as its source port?
+    The kernel keeps no record of that; the port's role, the range and connect()'s parity tell."""
+    if f.ports is None or not f.ports.assigns(f.port):
+        return False, "likely"  # connect() never picks a port outside the range (unless bound by hand)
+    peers_outside = all(e.raddr is not None and not f.ports.assigns(e.raddr.port) for e in f.time_wait)
+    connect_parity = f.port % 2 == f.ports.low % 2
+    if peers_outside and connect_parity:
+        return True, "likely"
+    return False, "likely"
+
+
+def _explain_time_wait(f: _Facts) -> Explanation:
+    frees = _seconds(f.time_wait)
+    secs = f"{frees:.0f}" if frees is not None else "60"
+    client, confidence = _client_side(f)
+    peers = sorted({format_endpoint(*e.raddr) for e in f.time_wait if e.raddr})
+    reasons: list[str] = []
+    advice: list[str] = []
+    tw_reuse = f.reuse == 0 if f.kind == "tcp" else None
+    if client:
+        assert f.ports is not None
+        verdict = (
+            f"{f.where} is blocked by {len(f.time_wait)} TIME-WAIT connection(s) of an outgoing connection that "
+            f"used port {f.port} as its source port; the port frees in about {secs} s"
+        )
+        reasons.append(
+            f"port {f.port} lies in the ephemeral range {f.ports.low}-{f.ports.high} and has the parity connect() "
+            f"takes first, and the peer ({', '.join(peers[:3])}) is a server port: the side that closed first was "
+            "a client of this host"
+        )
+        reasons.append("a client socket rarely sets SO_REUSEADDR, so its TIME-WAIT blocks even a reuse-enabled bind")
+        advice.append(f"wait about {secs} s, or bind another port meanwhile")
+        advice.append(
+            "keep service ports out of the ephemeral range: move the service below net.ipv4.ip_local_port_range, "
+            f"or add {f.port} to net.ipv4.ip_local_reserved_ports so that outgoing connections never take it"
+        )
+        return _build(
+            f,
+            "time-wait-client",
+            verdict,
+            reasons=reasons,
+            advice=advice,
+            tw_reuse=tw_reuse,
+            frees_in=frees,
+            confidence=confidence,
+        )
+    if f.reuse == 0:
+        verdict = (
+            f"{f.where} is blocked only by {len(f.time_wait)} TIME-WAIT connection(s); a bind with SO_REUSEADDR "
+            "(twfix.reusable_tcp_server) succeeds now"
+        )
+        reasons.append(
+            "the TIME-WAIT sockets inherited SO_REUSEADDR from their listener, so they yield to a new bind that "
+            "sets it too"
+        )
+        cause = "time-wait"
+    else:
+        verdict = (
+            f"{f.where} is blocked by {len(f.time_wait)} TIME-WAIT connection(s) of a previous server that did not "
+            f"set SO_REUSEADDR; the port frees in about {secs} s"
+        )
+        reasons.append(
+            "a TIME-WAIT socket only yields to a new bind if the old listener also had SO_REUSEADDR (the flag is "
+            "inherited by its connections); this one did not, so even SO_REUSEADDR cannot bind now"
+        )
+        reasons.append("TIME-WAIT lasts a fixed 60 s on Linux; tcp_fin_timeout does not shorten it")
+        advice.append(f"wait about {secs} s, or bind another port meanwhile")
+        advice.append(
+            "make the server set SO_REUSEADDR before bind() (twfix.reusable_tcp_server does) so that the next "
+            "restart is immediate"
+        )
+        cause = "time-wait-server"
+    return _build(
+        f, cause, verdict, reasons=reasons, advice=advice, tw_reuse=tw_reuse, frees_in=frees, confidence=confidence
+    )
+
+
+def _explain_connections(f: _Facts) -> Explanation:
+    first = f.connections[0]
+    reasons = [h.describe() for h in f.connections]
+    if f.time_wait:
+        reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) also remain on the port")
+    advice = []
+    if f.ports is not None and f.ports.assigns(f.port) and first.raddr is not None:
+        verdict = (
+            f"{f.where} is held by a connection that took it from the ephemeral range {f.ports.low}-{f.ports.high}"
+        )
+        cause = "ephemeral-taken"
+        advice.append(
+            "keep service ports outside net.ipv4.ip_local_port_range, or list them in "
+            "net.ipv4.ip_local_reserved_ports so that outgoing connections never take them"
+        )
+    else:
+        verdict = f"{f.where} is in use by {len(f.connections)} connection(s) bound to the port"
+        cause = "connection"
+        advice.append("close those connections (a previous instance may still be running), or choose another port")
+    if f.kind == "tcp" and f.reuse == 0:
+        advice.append("a bind with SO_REUSEADDR succeeds now (twfix.reusable_tcp_server)")
+    return _build(f, cause, verdict, reasons=reasons, advice=advice, holders=f.connections)
+
+
+def _explain_unseen(f: _Facts, elsewhere: bool) -> Explanation:
+    reasons = ["the socket table shows nothing on this port in this network namespace"]
+    return _build(
+        f,
+        "unknown",
+        f"{f.where} cannot be bound now ({os.strerror(f.plain)}), but no socket on it is visible",
+        reasons=reasons,
+    )
+
+
+def _listeners_elsewhere(f: _Facts) -> tuple[NamespaceHolder, ...]:
+    """Listeners on the port in the host's other network namespaces (root only: entering one needs it)."""
+    if os.geteuid() != 0:
+        return ()
+    found = []
+    for ns in netns.namespaces(include_own=False):
+        try:
+            entries = netns.port_listeners(f.kind, f.port, ns)
+        except OSError:
+            continue
+        for family, ip, port in entries:
+            if family == f.family or f.dualstack:
+                found.append(NamespaceHolder(ns.label, (ip, port), ns.pids))
+    return tuple(found)
+
+
+def explain(port: int, host: str = "", kind: str = "tcp", *, dualstack_ipv6: bool = False) -> Explanation:
     """Explain whether binding ``host:port`` would succeed now, with and without reuse options, and why.
 
     Args:
         port: the port (1..65535; 0 is always free).
-        host: the local address or name ("" for the IPv4 wildcard).
+        host: the local address or name ("" for the IPv4 wildcard, or the IPv6 one with ``dualstack_ipv6``).
         kind: ``"tcp"`` or ``"udp"``.
+        dualstack_ipv6: ask about one IPv6 socket that also accepts IPv4 (``IPV6_V6ONLY=0``), as
+            ``reusable_tcp_server(..., dualstack_ipv6=True)`` binds it.
     """
     port = check_port(port)
     host = check_host(host)
     kind = check_kind(kind, _KINDS)
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
-    family, ip, _scope = resolve(host, port, None, sotype)
-    return _analyse(kind, host, family, ip, port, _reuse_flags(kind))
+    family, ip, _scope = resolve(host, port, socket.AF_INET6 if dualstack_ipv6 else None, sotype)
+    flags = _twfix.F_DUALSTACK if dualstack_ipv6 else 0
+    return _analyse(kind, host, family, ip, port, flags)
 
 
 def _reuse_flags(kind: str) -> int:
@@ -344,16 +620,18 @@ def _reuse_flags(kind: str) -> int:
 
 
 def address_in_use(
-    exc: OSError, *, protocol: str, host: str, ip: str, port: int, family: int, flags: int
+    exc: OSError, *, protocol: str, host: str, ip: str, port: int, family: int, flags: int, explain: bool = True
 ) -> AddressInUseError:
-    """The explained error for a constructor whose bind or listen failed with EADDRINUSE."""
+    """The explained error for a constructor whose bind or listen failed with EADDRINUSE. With
+    ``explain=False`` (hot retry loops) nothing is probed or read: the kernel's word only."""
     where = f"{format_endpoint(ip, port)}/{protocol}"
     asked = f" (host {host!r})" if host not in ("", ip) else ""
     explanation: Explanation | None = None
-    try:
-        explanation = _analyse(protocol, host, family, ip, port, flags or _reuse_flags(protocol))
-    except OSError:
-        explanation = None
+    if explain:
+        try:
+            explanation = _analyse(protocol, host, family, ip, port, flags, elsewhere=False)
+        except OSError:
+            explanation = None
     if explanation is None or explanation.can_bind:
         # Nothing to add (or the holder left meanwhile): keep the kernel's word.
         message = f"Address already in use: {where}{asked} ({exc.strerror})"

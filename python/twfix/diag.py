@@ -71,7 +71,19 @@ class TcpState(enum.StrEnum):
 _NUMBER: Final = {s: i for i, s in enumerate(TcpState, 1)}
 _BY_NUMBER: Final = {i: s for s, i in _NUMBER.items()}
 _ALL_STATES: Final = 0xFFFFFFFF
-_ALIASES: Final = {"TIME-WAIT": "TIME_WAIT", "FIN-WAIT-1": "FIN_WAIT1", "FIN-WAIT-2": "FIN_WAIT2"}
+# ss's spellings: UNCONN is how ss names an unconnected UDP socket, which the kernel calls CLOSE.
+_ALIASES: Final = {
+    "TIME-WAIT": "TIME_WAIT",
+    "FIN-WAIT-1": "FIN_WAIT1",
+    "FIN-WAIT-2": "FIN_WAIT2",
+    "UNCONN": "CLOSE",
+    "ESTAB": "ESTABLISHED",
+    "SYN-SENT": "SYN_SENT",
+    "SYN-RECV": "SYN_RECV",
+    "CLOSE-WAIT": "CLOSE_WAIT",
+    "LAST-ACK": "LAST_ACK",
+    "BOUND-INACTIVE": "BOUND_INACTIVE",
+}
 
 
 class Addr(NamedTuple):
@@ -330,6 +342,7 @@ class Process(NamedTuple):
     pid: int
     name: str | None
     cmdline: tuple[str, ...]
+    fd: int | None = None
 
 
 class PortHolder(NamedTuple):
@@ -439,21 +452,22 @@ def who_holds(port: int, kind: str = "tcp") -> Holders:
     return holders_of(_dump(proto, family, _ALL_STATES, port), port, kind)
 
 
-def port_entries(kind: str, port: int) -> list[SocketEntry]:
-    """Every socket of ``kind`` ("tcp"/"udp") whose local port is ``port`` (for the conflict explanation)."""
-    return _dump(kind, None, _ALL_STATES, port)
+def port_entries(kind: str, port: int, states: Iterable[TcpState | str] | None = None) -> list[SocketEntry]:
+    """The sockets of ``kind`` ("tcp"/"udp") whose local port is ``port`` (for the conflict explanation),
+    optionally only in ``states`` (a LISTEN-only dump skips the established hash: next to free)."""
+    return _dump(kind, None, _state_mask(states), port)
 
 
 def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
     """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
-    pairs, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
-    pids_of: dict[int, list[int]] = {}
-    for inode, pid in pairs:
-        pids_of.setdefault(inode, []).append(pid)
-    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid in pairs})}
+    triples, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
+    held: dict[int, list[tuple[int, int]]] = {}
+    for inode, pid, fd in triples:
+        held.setdefault(inode, []).append((pid, fd))
+    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
     holders = []
     for e in entries:
-        procs = tuple(processes[pid] for pid in pids_of.get(e.inode, ())) if e.inode else ()
+        procs = tuple(processes[pid]._replace(fd=fd) for pid, fd in held.get(e.inode, ())) if e.inode else ()
         first = procs[0] if procs else None
         holders.append(
             PortHolder(
@@ -476,5 +490,10 @@ def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
             "inspected (run as root to see them)"
         )
     elif unseen:
-        note = f"{len(unseen)} socket(s) have no visible owner (the process may have exited)"
+        note = (
+            f"{len(unseen)} socket(s) are held by processes not visible here: a socket that exists has a live "
+            "owner, so it runs outside this PID namespace (a container sharing this network namespace, or "
+            "twfix itself in one) or /proc hides it (hidepid); run `ss -tulpn` or `lsof -i :PORT` where that "
+            "process is visible, usually on the host"
+        )
     return Holders(port, kind, tuple(holders), denied, note)

@@ -24,7 +24,7 @@ from twfix._args import (
     MAX_BACKLOG,
     cached_literal,
     check_backlog,
-    check_family,
+    check_bind,
     check_host,
     check_port,
     check_timeout,
@@ -114,13 +114,7 @@ def reusable_udp(
             (``SO_REUSEADDR``), the one legitimate reason to share a UDP port between users.
             ``host`` should then be "" (or the group address itself).
     """
-    if type(port) is not int or not 0 <= port <= 65535:
-        port = check_port(port)
-    if type(host) is not str:
-        host = check_host(host)
-    if timeout is not None:
-        timeout = check_timeout(timeout)
-    fam = None if family is None else check_family(family)
+    port, host, timeout, fam = check_bind(port, host, timeout, family)
     if multicast_group is None and not reuse_port:
         family_, ip, _scope = cached_literal(host, fam) or resolve(host, port, fam, socket.SOCK_DGRAM)
         if family_ == socket.AF_INET:
@@ -183,13 +177,7 @@ def reusable_tcp_server(
         timeout: passed to ``settimeout()``; None leaves the default.
         family: ``AF_INET`` or ``AF_INET6``; inferred from ``host`` when None.
     """
-    if type(port) is not int or not 0 <= port <= 65535:
-        port = check_port(port)
-    if type(host) is not str:
-        host = check_host(host)
-    if timeout is not None:
-        timeout = check_timeout(timeout)
-    fam = None if family is None else check_family(family)
+    port, host, timeout, fam = check_bind(port, host, timeout, family)
     if backlog is None:
         backlog = _DEFAULT_BACKLOG
     elif type(backlog) is not int or not 0 <= backlog <= MAX_BACKLOG:

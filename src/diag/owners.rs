@@ -1,7 +1,11 @@
 //! Socket inode -> processes, from the /proc/PID/fd links (what `ss -p`, `lsof` and `fuser` read).
 
 use std::collections::HashSet;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::stat::fstat;
 
 use crate::errors::{Error, Result};
 
@@ -14,11 +18,11 @@ pub fn socket_inode(link: &[u8]) -> Option<u64> {
     std::str::from_utf8(inner).ok()?.parse().ok()
 }
 
-/// Every (inode, pid) pair for the wanted inodes: a socket inherited across fork() is held by every
+/// Every (inode, pid, fd) triple for the wanted inodes (the first descriptor of that socket in that process): a socket inherited across fork() is held by every
 /// process that has it open (a prefork server's master and workers), so the whole of /proc is read.
 /// Also returns how many processes could not be inspected (permission). Threads share their process's
 /// descriptor table, so /proc/PID covers them.
-pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32)>, u64)> {
+pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32, u32)>, u64)> {
     let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
     let mut found = Vec::new();
     let mut denied = 0u64;
@@ -39,25 +43,81 @@ pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32)>, u64)> {
             }
             Err(_) => continue, // the process exited meanwhile
         };
-        let mut seen_here: HashSet<u64> = HashSet::new();
+        let mut here: Vec<(u64, u32, u32)> = Vec::new();
         for fd in fds.flatten() {
+            let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
             let Ok(target) = std::fs::read_link(fd.path()) else { continue };
             if let Some(inode) = socket_inode(target.as_os_str().as_bytes())
                 && wanted.contains(&inode)
-                && seen_here.insert(inode)
             {
-                found.push((inode, pid));
+                here.push((inode, pid, num));
             }
         }
+        here.sort_unstable();
+        here.dedup_by_key(|t| t.0);
+        found.extend(here);
     }
     found.sort_unstable();
     Ok((found, denied))
+}
+
+fn pidfd_call(nr: libc::c_long, a: libc::c_long, b: libc::c_long, what: &str) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open(pid, 0) and pidfd_getfd(pidfd, fd, 0) take integers only and return a new
+    // descriptor or -1; the descriptor is owned from here on.
+    let fd = unsafe { libc::syscall(nr, a, b, 0 as libc::c_long) };
+    if fd < 0 {
+        return Err(Error::last_os(what));
+    }
+    // SAFETY: a fresh descriptor returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// (SO_REUSEADDR, SO_REUSEPORT) of the socket `inode` at descriptor `fd` of process `pid`, read from a
+/// duplicate of that descriptor (pidfd_getfd, Linux 5.6+, needs ptrace rights over the process). This
+/// reads the options without binding anything next to the socket, so its traffic is never touched.
+pub fn reuse_flags(pid: u32, fd: u32, inode: u64) -> Result<(bool, bool)> {
+    let pidfd = pidfd_call(libc::SYS_pidfd_open, libc::c_long::from(pid), 0, &format!("pidfd_open({pid})"))?;
+    let dup = {
+        use std::os::fd::AsRawFd;
+        pidfd_call(
+            libc::SYS_pidfd_getfd,
+            libc::c_long::from(pidfd.as_raw_fd()),
+            libc::c_long::from(fd),
+            &format!("pidfd_getfd({pid}, {fd})"),
+        )?
+    };
+    let st = fstat(&dup).map_err(|e| Error::Os { errno: e as i32, what: "fstat".into() })?;
+    if st.st_ino != inode {
+        return Err(Error::Os { errno: libc::ESRCH, what: format!("descriptor {fd} of pid {pid} changed") });
+    }
+    let opt = |r: nix::Result<bool>, name: &str| {
+        r.map_err(|e| Error::Os { errno: e as i32, what: format!("getsockopt({name}) of pid {pid} fd {fd}") })
+    };
+    Ok((
+        opt(getsockopt(&dup, sockopt::ReuseAddr), "SO_REUSEADDR")?,
+        opt(getsockopt(&dup, sockopt::ReusePort), "SO_REUSEPORT")?,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn reads_the_reuse_flags_of_a_held_socket() {
+        use std::os::fd::AsRawFd;
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+        sock.set_reuse_port(true).expect("SO_REUSEPORT");
+        let inode = fstat(&sock).expect("fstat").st_ino;
+        let me = std::process::id();
+        let fd = sock.as_raw_fd() as u32;
+        assert_eq!(reuse_flags(me, fd, inode).expect("own process"), (false, true));
+        assert!(reuse_flags(me, fd, inode + 1).is_err(), "another inode at that descriptor");
+    }
 
     #[test]
     fn inode_links() {

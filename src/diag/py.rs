@@ -156,10 +156,35 @@ pub fn snapshot(py: Python<'_>, proto: &str, top: usize, ephemeral: &[u8], sourc
     Ok((s.total, counts, ports, remotes, s.tw_hist.to_vec(), s.tw_server_side, listeners, usage, exact))
 }
 
-/// ([(inode, pid)] for every process holding each inode, number of processes that could not be read).
+/// The listening (TCP) or unconnected (UDP) sockets on `port`, as (family, ip, port), in the network
+/// namespace at `netns` (or this one). Cheap: for TCP the kernel walks only its listening hash.
 #[pyfunction]
-pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<(u64, u32)>, u64)> {
+#[pyo3(signature = (proto, port, netns=None))]
+pub fn listeners_in(py: Python<'_>, proto: &str, port: u16, netns: Option<String>) -> PyResult<Vec<(u8, String, u16)>> {
+    let proto = Proto::parse(proto)?;
+    let states = if proto == Proto::Tcp { 1 << LISTEN } else { 1 << super::CLOSE };
+    let q = Query { proto, states, source: Source::Auto, filter: Filter::LocalPort(port) };
+    let found = py.detach(|| {
+        crate::netns::run(netns, move || {
+            let mut out = Vec::new();
+            stream(&q, |r| out.push((r.family, format_ip(r.family, &r.src), r.sport)))?;
+            Ok(out)
+        })
+    })?;
+    Ok(found)
+}
+
+/// ([(inode, pid, fd)] for every process holding each inode, number of processes that could not be read).
+#[pyfunction]
+pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<(u64, u32, u32)>, u64)> {
     Ok(py.detach(|| owners::owners(&inodes))?)
+}
+
+/// (SO_REUSEADDR, SO_REUSEPORT) of socket `inode` held at descriptor `fd` by process `pid`, read from a
+/// duplicate of the descriptor; OSError where the process cannot be inspected.
+#[pyfunction]
+pub fn socket_reuse_flags(py: Python<'_>, pid: u32, fd: u32, inode: u64) -> PyResult<(bool, bool)> {
+    Ok(py.detach(|| owners::reuse_flags(pid, fd, inode))?)
 }
 
 /// A bare dump that only receives and discards: the kernel's own cost, for benchmarks. By default one

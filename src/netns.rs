@@ -1,0 +1,64 @@
+//! Running work inside another network namespace, on a short-lived thread that joins it (`setns`),
+//! so the caller's threads never move. Namespace files are opened without blocking (a FIFO put in
+//! their place cannot hang the call) and must be network namespaces.
+
+use std::os::fd::OwnedFd;
+
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::stat::Mode;
+
+use crate::errors::{Error, Result};
+
+/// Open a namespace file: read-only, non-blocking, close-on-exec.
+fn open_ns(path: &str) -> Result<OwnedFd> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(Error::Invalid(format!("invalid namespace path {path:?}")));
+    }
+    open(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::Os { errno: e as i32, what: format!("open namespace {path}") })
+}
+
+/// Run `f` in a new thread that first joins the network namespace at `path`.
+pub fn run_in<T: Send + 'static>(path: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let ns = open_ns(path)?;
+    let shown = path.to_owned();
+    let handle = std::thread::Builder::new()
+        .name("twfix-netns".into())
+        .spawn(move || -> Result<T> {
+            match setns(&ns, CloneFlags::CLONE_NEWNET) {
+                Ok(()) => f(),
+                Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{shown} is not a network namespace"))),
+                Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({shown})") }),
+            }
+        })
+        .map_err(|e| Error::os(e, "spawn a thread to enter the namespace"))?;
+    handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
+}
+
+/// Run `f` here, or in the namespace at `path` when one is given.
+pub fn run<T: Send + 'static>(path: Option<String>, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match path {
+        None => f(),
+        Some(p) => run_in(&p, f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_files_that_are_not_namespaces_without_hanging() {
+        let dir = std::env::temp_dir().join(format!("twfix-ns-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).expect("mkfifo");
+        let err = run_in(fifo.to_str().expect("utf-8"), || Ok(())).expect_err("a FIFO is not a namespace");
+        assert!(matches!(err, Error::Invalid(ref m) if m.contains("not a network namespace")), "{err:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(run_in("", || Ok(())), Err(Error::Invalid(_))));
+        assert!(matches!(run_in("/nonexistent/ns", || Ok(())), Err(Error::Os { errno: libc::ENOENT, .. })));
+    }
+}
