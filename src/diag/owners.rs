@@ -9,6 +9,9 @@ use nix::sys::stat::fstat;
 
 use crate::errors::{Error, Result};
 
+/// A socket held by a process: (inode, pid, descriptor number).
+pub type Holding = (u64, u32, u32);
+
 /// Parse the target of a /proc/PID/fd symlink: `socket:[INODE]`.
 pub fn socket_inode(link: &[u8]) -> Option<u64> {
     let inner = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
@@ -22,7 +25,7 @@ pub fn socket_inode(link: &[u8]) -> Option<u64> {
 /// process that has it open (a prefork server's master and workers), so the whole of /proc is read.
 /// Also returns how many processes could not be inspected (permission). Threads share their process's
 /// descriptor table, so /proc/PID covers them.
-pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32, u32)>, u64)> {
+pub fn owners(inodes: &[u64]) -> Result<(Vec<Holding>, u64)> {
     let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
     let mut found = Vec::new();
     let mut denied = 0u64;
@@ -43,7 +46,7 @@ pub fn owners(inodes: &[u64]) -> Result<(Vec<(u64, u32, u32)>, u64)> {
             }
             Err(_) => continue, // the process exited meanwhile
         };
-        let mut here: Vec<(u64, u32, u32)> = Vec::new();
+        let mut here: Vec<Holding> = Vec::new();
         for fd in fds.flatten() {
             let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok())
             else {

@@ -176,7 +176,7 @@ pub fn listeners_in(py: Python<'_>, proto: &str, port: u16, netns: Option<String
 
 /// ([(inode, pid, fd)] for every process holding each inode, number of processes that could not be read).
 #[pyfunction]
-pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<(u64, u32, u32)>, u64)> {
+pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<owners::Holding>, u64)> {
     Ok(py.detach(|| owners::owners(&inodes))?)
 }
 
