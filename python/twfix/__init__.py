@@ -31,7 +31,7 @@ from twfix.diag import (
 )
 from twfix.doctor import Finding, Report, Severity, doctor
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
-from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_udp
+from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_tcp_servers, reusable_udp
 
 __all__ = [
     "Addr",
@@ -55,6 +55,7 @@ __all__ = [
     "make_reusable",
     "reusable_tcp_client",
     "reusable_tcp_server",
+    "reusable_tcp_servers",
     "reusable_udp",
     "sockets",
     "summary",

@@ -34,7 +34,7 @@ from twfix._args import (
 )
 from twfix.conflict import address_in_use
 
-__all__ = ["make_reusable", "reusable_tcp_client", "reusable_tcp_server", "reusable_udp"]
+__all__ = ["make_reusable", "reusable_tcp_client", "reusable_tcp_server", "reusable_tcp_servers", "reusable_udp"]
 
 # The C-level attribute: a plain int, without the enum conversion of socket.socket.type.
 _RAW_TYPE: Final = _socket.socket.type.__get__
@@ -62,6 +62,7 @@ def _open(
     host: str,
     timeout: float | None,
     multicast_group: str | None = None,
+    explain: bool = True,
 ) -> socket.socket:
     """Create the Python socket, configure and bind it; close it on any error."""
     sock = socket.socket(family, sotype)
@@ -73,18 +74,37 @@ def _open(
         else:
             sock.bind((ip, port))  # no option to set: this is exactly the stdlib sequence
     except BaseException as exc:
-        raise _failed(sock, exc, protocol, host, ip, port, family, flags) from None
+        raise _failed(sock, exc, protocol, host, ip, port, family, flags, explain) from None
     return sock
 
 
 def _failed(
-    sock: socket.socket, exc: BaseException, protocol: str, host: str, ip: str, port: int, family: int, flags: int
+    sock: socket.socket,
+    exc: BaseException,
+    protocol: str,
+    host: str,
+    ip: str,
+    port: int,
+    family: int,
+    flags: int,
+    explain: bool,
 ) -> BaseException:
     """Close the half-built socket; the exception to raise (EADDRINUSE becomes the explained error)."""
     sock.close()
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return address_in_use(exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags)
+        return address_in_use(
+            exc, protocol=protocol, host=host, ip=ip, port=port, family=family, flags=flags, explain=explain
+        )
     return exc
+
+
+def _timeout(timeout: float | None, blocking: bool) -> float | None:
+    """``blocking=False`` is ``settimeout(0.0)``: O_NONBLOCK on the descriptor, as event loops need."""
+    if blocking:
+        return timeout
+    if timeout:
+        raise ValueError(f"blocking=False and timeout={timeout!r} contradict each other; pass one of them")
+    return 0.0
 
 
 def reusable_udp(
@@ -95,6 +115,8 @@ def reusable_udp(
     timeout: float | None = None,
     family: socket.AddressFamily | None = None,
     multicast_group: str | None = None,
+    blocking: bool = True,
+    explain: bool = True,
 ) -> socket.socket:
     """Like ``socket.socket(AF_INET, SOCK_DGRAM)`` + ``setsockopt(SO_REUSEADDR)`` + ``bind()``, but safe.
 
@@ -111,10 +133,17 @@ def reusable_udp(
         timeout: passed to ``settimeout()``; None leaves the default.
         family: ``AF_INET`` or ``AF_INET6``; inferred from ``host`` when None.
         multicast_group: join this multicast group and allow other receivers of the group on this port
-            (``SO_REUSEADDR``), the one legitimate reason to share a UDP port between users.
-            ``host`` should then be "" (or the group address itself).
+            (``SO_REUSEADDR``), the one legitimate reason to share a UDP port between users. The socket is
+            bound to the group address, not the wildcard, so it receives the group's datagrams only and no
+            unicast datagram of the port is ever delivered to it (nothing of yours for another receiver to
+            take); ``host`` must be "" or the group itself.
+        blocking: False makes the socket non-blocking (``settimeout(0.0)``), as event loops expect.
+        explain: False skips the explanation of an address conflict (hot retry loops): the
+            ``AddressInUseError`` then carries the kernel's word only.
     """
     port, host, timeout, fam = check_bind(port, host, timeout, family)
+    if not blocking:
+        timeout = _timeout(timeout, blocking)
     if multicast_group is None and not reuse_port:
         family_, ip, _scope = cached_literal(host, fam) or resolve(host, port, fam, socket.SOCK_DGRAM)
         if family_ == socket.AF_INET:
@@ -125,7 +154,7 @@ def reusable_udp(
                     sock.settimeout(timeout)
                 sock.bind((ip, port))
             except BaseException as exc:
-                raise _failed(sock, exc, _UDP, host, ip, port, family_, 0) from None
+                raise _failed(sock, exc, _UDP, host, ip, port, family_, 0, explain) from None
             return sock
     flags = _F_REUSE_PORT if reuse_port else 0
     if multicast_group is not None:
@@ -133,13 +162,21 @@ def reusable_udp(
         group_family, group_ip, _ = resolve(multicast_group, port, fam, socket.SOCK_DGRAM, "multicast_group")
         if not _is_multicast(group_family, group_ip):
             raise ValueError(f"multicast_group {multicast_group!r} is not a multicast address")
+        if host not in ("", "*", multicast_group, group_ip):
+            raise ValueError(
+                f"host {host!r} with multicast_group {multicast_group!r}: a group receiver is bound to the group "
+                "address itself (pass host=''), never to a unicast address another receiver could share"
+            )
         fam = group_family
         multicast_group = group_ip
+        host = group_ip
         flags |= _F_REUSE_ADDR
     family_, ip, scope_id = resolve(host, port, fam, socket.SOCK_DGRAM)
     if family_ == socket.AF_INET6:
         flags |= _F_V6ONLY
-    return _open(family_, socket.SOCK_DGRAM, ip, port, scope_id, flags, -1, _UDP, host, timeout, multicast_group)
+    return _open(
+        family_, socket.SOCK_DGRAM, ip, port, scope_id, flags, -1, _UDP, host, timeout, multicast_group, explain
+    )
 
 
 def _is_multicast(family: int, ip: str) -> bool:
@@ -158,6 +195,8 @@ def reusable_tcp_server(
     dualstack_ipv6: bool = False,
     timeout: float | None = None,
     family: socket.AddressFamily | None = None,
+    blocking: bool = True,
+    explain: bool = True,
 ) -> socket.socket:
     """Like socket.create_server, but binds over the TIME-WAIT left by a previous server.
 
@@ -176,8 +215,14 @@ def reusable_tcp_server(
         dualstack_ipv6: one IPv6 socket that also accepts IPv4 (``IPV6_V6ONLY=0``).
         timeout: passed to ``settimeout()``; None leaves the default.
         family: ``AF_INET`` or ``AF_INET6``; inferred from ``host`` when None.
+        blocking: False makes the listener non-blocking (``settimeout(0.0)``), which tornado's
+            ``HTTPServer.add_sockets()`` needs; asyncio, uvicorn and aiohttp set it themselves.
+        explain: False skips the explanation of an address conflict (hot retry loops): the
+            ``AddressInUseError`` then carries the kernel's word only.
     """
     port, host, timeout, fam = check_bind(port, host, timeout, family)
+    if not blocking:
+        timeout = _timeout(timeout, blocking)
     if backlog is None:
         backlog = _DEFAULT_BACKLOG
     elif type(backlog) is not int or not 0 <= backlog <= MAX_BACKLOG:
@@ -192,7 +237,54 @@ def reusable_tcp_server(
     family_, ip, scope_id = resolve(host, port, fam, socket.SOCK_STREAM)
     if family_ == socket.AF_INET6:
         flags |= _F_DUALSTACK if dualstack_ipv6 else _F_V6ONLY
-    return _open(family_, socket.SOCK_STREAM, ip, port, scope_id, flags, backlog, _TCP, host, timeout)
+    return _open(family_, socket.SOCK_STREAM, ip, port, scope_id, flags, backlog, _TCP, host, timeout, None, explain)
+
+
+def reusable_tcp_servers(
+    port: int = 0,
+    host: str = "",
+    *,
+    backlog: int | None = None,
+    reuse_port: bool = False,
+    timeout: float | None = None,
+    blocking: bool = True,
+    explain: bool = True,
+) -> list[socket.socket]:
+    """A listener on **every** address of ``host``, all on one port (like tornado's ``bind_sockets``).
+
+    ``host=""`` means the IPv4 and the IPv6 wildcard (two sockets, the IPv6 one v6-only); a name such as
+    ``localhost`` gives one socket per address it resolves to (``127.0.0.1`` and ``::1``). With
+    ``port=0`` the first socket takes an ephemeral port and the others bind the same one. Each socket is
+    set up as :func:`reusable_tcp_server` does; if one bind fails, the ones already made are closed.
+    """
+    port, host, timeout, _fam = check_bind(port, host, timeout, None)
+    addresses: list[tuple[int, str, int]]
+    if host in ("", "*"):
+        addresses = [(int(socket.AF_INET), "0.0.0.0", 0)]
+        if socket.has_ipv6:
+            addresses.append((int(socket.AF_INET6), "::", 0))
+    else:
+        addresses = resolve_all(host, port, None, socket.SOCK_STREAM)
+    made: list[socket.socket] = []
+    try:
+        for family, ip, _scope in addresses:
+            sock = reusable_tcp_server(
+                port,
+                ip,
+                backlog=backlog,
+                reuse_port=reuse_port,
+                timeout=timeout,
+                family=socket.AddressFamily(family),
+                blocking=blocking,
+                explain=explain,
+            )
+            made.append(sock)
+            port = port or sock.getsockname()[1]
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
 
 
 def reusable_tcp_client(
