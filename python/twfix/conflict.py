@@ -552,7 +552,16 @@ def _explain_connections(f: _Facts) -> Explanation:
     if f.time_wait:
         reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) also remain on the port")
     advice = []
-    if f.ports is not None and f.ports.assigns(f.port) and first.raddr is not None:
+    if all(h.state == TcpState.BOUND_INACTIVE for h in f.connections):
+        owners = ", ".join(f"pid {p.pid} ({p.name})" for h in f.connections for p in h.processes) or "a process"
+        verdict = f"{f.where} is bound by a socket that is neither listening nor connected (yet): {owners}"
+        cause = "bound"
+        reasons.append(
+            "a bound socket owns its port until it is closed, even before listen() or connect(); two such sockets "
+            "may share a port only if both set SO_REUSEADDR, and then only the first listen() succeeds"
+        )
+        advice.append("close that socket (or let its owner listen on it), or choose another port")
+    elif f.ports is not None and f.ports.assigns(f.port) and first.raddr is not None:
         verdict = (
             f"{f.where} is held by a connection that took it from the ephemeral range {f.ports.low}-{f.ports.high}"
         )

@@ -24,9 +24,13 @@ use crate::errors::{Error, Result};
 
 /// Kernel state numbers (include/net/tcp_states.h) that the native side itself needs. The names
 /// live in one table on the Python side (`twfix.diag.TcpState`).
+pub const FIN_WAIT2: u8 = 5;
 pub const TIME_WAIT: u8 = 6;
 pub const CLOSE: u8 = 7;
 pub const LISTEN: u8 = 10;
+/// A TCP socket bound to a port but neither listening nor connected. Linux 6.8+ dumps these when the
+/// request's state mask has this bit, and reports them in state CLOSE; twfix gives them this name.
+pub const BOUND_INACTIVE: u8 = 13;
 /// Every state: the mask of a dump that filters nothing.
 pub const ALL_STATES: u32 = u32::MAX;
 
@@ -127,16 +131,40 @@ impl Filter {
     }
 }
 
-/// What one dump asks for.
+/// What one dump asks for. `states` is what the caller wants; `kernel_states` the mask sent to the
+/// kernel, which filters some sockets by another state than the one it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Query {
     pub proto: Proto,
     pub states: u32,
+    pub kernel_states: u32,
     pub source: Source,
     pub filter: Filter,
 }
 
 impl Query {
+    pub fn new(proto: Proto, states: u32, source: Source, filter: Filter) -> Self {
+        // For TCP, CLOSE and BOUND_INACTIVE are one set (no other closed TCP socket is in a table the
+        // kernel dumps); the kernel needs the BOUND_INACTIVE bit to include them.
+        let both = (1u32 << CLOSE) | (1u32 << BOUND_INACTIVE);
+        let states = if proto == Proto::Tcp && states & both != 0 { states | both } else { states };
+        // An orphaned FIN_WAIT2 is kept as a TIME-WAIT mini-socket: the kernel matches it against the
+        // TIME_WAIT bit of the request but reports it in FIN_WAIT2, so asking for FIN_WAIT2 alone would
+        // miss it. The extra TIME-WAITs are dropped again by `wants`.
+        let mut kernel_states = states;
+        if proto == Proto::Tcp && states & (1 << FIN_WAIT2) != 0 {
+            kernel_states |= 1 << TIME_WAIT;
+        }
+        Query { proto, states, kernel_states, source, filter }
+    }
+
+    /// The record as twfix names it: a TCP socket in CLOSE is a bound, inactive one.
+    pub fn normalise(&self, r: &mut Record) {
+        if self.proto == Proto::Tcp && r.state == CLOSE {
+            r.state = BOUND_INACTIVE;
+        }
+    }
+
     pub fn wants(&self, r: &Record) -> bool {
         r.in_states(self.states) && self.filter.matches(r)
     }

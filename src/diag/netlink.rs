@@ -255,7 +255,7 @@ fn open_socket() -> Result<Socket> {
 pub fn recv_loop(family: u8, q: &Query, mut on_datagram: impl FnMut(&mut Vec<u8>, u32) -> Result<Batch>) -> Result<()> {
     let sock = open_socket()?;
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let req = build_filtered_request(family, q.proto, q.states, seq, q.filter);
+    let req = build_filtered_request(family, q.proto, q.kernel_states, seq, q.filter);
     // Unaddressed, a netlink datagram goes to the kernel (port id 0).
     sock.send(&req).map_err(|e| Error::os(e, "send(sock_diag request)"))?;
     let mut buf: Vec<u8> = Vec::new();
@@ -292,7 +292,7 @@ pub fn recv_loop(family: u8, q: &Query, mut on_datagram: impl FnMut(&mut Vec<u8>
 pub fn discard(proto: Proto, states: u32, one_walk: bool) -> Result<u64> {
     let mut count = 0u64;
     let families: &[u8] = if one_walk && proto == Proto::Tcp { &[BOTH] } else { &super::FAMILIES };
-    let q = Query { proto, states, source: super::Source::Netlink, filter: Filter::All };
+    let q = Query::new(proto, states, super::Source::Netlink, Filter::All);
     for &family in families {
         recv_loop(family, &q, |data, seq| {
             walk_messages(data, seq, |_| {

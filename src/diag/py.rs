@@ -28,12 +28,8 @@ pub fn dump_entries<'py>(
     families: Vec<Bound<'py, PyAny>>,
     state_objs: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let q = Query {
-        proto: Proto::parse(proto)?,
-        states,
-        source: Source::parse(source)?,
-        filter: port.map_or(Filter::All, Filter::LocalPort),
-    };
+    let q =
+        Query::new(Proto::parse(proto)?, states, Source::parse(source)?, port.map_or(Filter::All, Filter::LocalPort));
     if families.len() != 2 || state_objs.len() != 14 {
         return Err(
             Error::Invalid("families must hold 2 objects (AF_INET, AF_INET6), state_objs 14 (0..13)".into()).into()
@@ -131,10 +127,10 @@ pub fn snapshot(py: Python<'_>, proto: &str, top: usize, ephemeral: &[u8], sourc
     let snap = py.detach(|| -> crate::errors::Result<(Snapshot, bool)> {
         let mut listeners = Vec::new();
         if proto == Proto::Tcp {
-            let q = Query { proto, states: 1 << LISTEN, source, filter: Filter::All };
+            let q = Query::new(proto, 1 << LISTEN, source, Filter::All);
             stream(&q, |r| listeners.push(*r))?;
         }
-        let q = Query { proto, states: ALL_STATES, source, filter: Filter::All };
+        let q = Query::new(proto, ALL_STATES, source, Filter::All);
         collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone()), Snapshot::add)
     });
     let (s, exact) = snap?;
@@ -163,7 +159,7 @@ pub fn snapshot(py: Python<'_>, proto: &str, top: usize, ephemeral: &[u8], sourc
 pub fn listeners_in(py: Python<'_>, proto: &str, port: u16, netns: Option<String>) -> PyResult<Vec<(u8, String, u16)>> {
     let proto = Proto::parse(proto)?;
     let states = if proto == Proto::Tcp { 1 << LISTEN } else { 1 << super::CLOSE };
-    let q = Query { proto, states, source: Source::Auto, filter: Filter::LocalPort(port) };
+    let q = Query::new(proto, states, Source::Auto, Filter::LocalPort(port));
     let found = py.detach(|| {
         crate::netns::run(netns, move || {
             let mut out = Vec::new();

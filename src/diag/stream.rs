@@ -98,7 +98,8 @@ fn consume(chunk: Chunk, q: &Query, each: &mut dyn FnMut(&Record)) -> Result<()>
     match chunk {
         Chunk::Netlink { seq, data } => data.iter().try_for_each(|datagram| {
             netlink::walk_messages(datagram, seq, |payload| {
-                let rec = netlink::decode_diag_msg(payload)?;
+                let mut rec = netlink::decode_diag_msg(payload)?;
+                q.normalise(&mut rec);
                 if q.wants(&rec) {
                     each(&rec);
                 }
@@ -204,7 +205,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let port = listener.local_addr().expect("addr").port();
         let find = |families: &[u8], source: Source| {
-            let q = Query { proto: Proto::Tcp, states: 1 << LISTEN, source, filter: Filter::LocalPort(port) };
+            let q = Query::new(Proto::Tcp, 1 << LISTEN, source, Filter::LocalPort(port));
             let mut found = Vec::new();
             stream_families(families, &q, &mut |r| found.push(*r)).expect("dump");
             found
@@ -215,7 +216,7 @@ mod tests {
         assert_eq!(one[0].sport, port);
         let from_proc = find(&FAMILIES, Source::Proc);
         assert_eq!((from_proc[0].sport, from_proc[0].inode), (port, one[0].inode));
-        let q = Query { proto: Proto::Tcp, states: 1 << LISTEN, source: Source::Auto, filter: Filter::LocalPort(port) };
+        let q = Query::new(Proto::Tcp, 1 << LISTEN, Source::Auto, Filter::LocalPort(port));
         let (n, exact) = collect(&q, || 0, |n, _| *n += 1).expect("dump");
         assert_eq!((n, exact), (1, true));
     }
