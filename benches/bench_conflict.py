@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import socket
 
-from _setup import best, populate, private_namespace, write_sysctl
-
 import twfix
+from _setup import best, populate, private_namespace, write_sysctl
 from twfix import _twfix
 
 

@@ -6,6 +6,7 @@ Every recipe hands a listener made by twfix to the framework and answers one HTT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import subprocess
 import sys
@@ -129,10 +130,8 @@ def test_tornado_needs_and_gets_a_non_blocking_socket(netns: NetNS) -> None:
             holder["server"] = server
             await asyncio.Event().wait()
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is stopped from the test
             asyncio.run(main())
-        except RuntimeError:
-            pass  # the loop was stopped from the test
 
     thread = in_thread(serve)
     try:

@@ -331,7 +331,7 @@ def _build(
     elsewhere: tuple[NamespaceHolder, ...] = (),
 ) -> Explanation:
     reasons = list(reasons or [])
-    if f.ports is not None and f.ports.assigns(f.port) and f.plain != 0:
+    if f.ports is not None and f.ports.assigns(f.port) and f.plain != 0 and cause != "time-wait-client":
         reasons.append(f"port {f.port} lies inside the ephemeral range, where outgoing connections may take it")
     reserved = f.ports is not None and f.ports.is_reserved(f.port)
     if reserved:
