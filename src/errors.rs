@@ -47,15 +47,16 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The text of an errno without the " (os error N)" suffix Rust appends (Python shows errno itself).
+pub fn reason(errno: i32) -> String {
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    text.split(" (os error").next().unwrap_or(&text).to_owned()
+}
+
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {
-            Error::Os { errno, ref what } => {
-                let reason = io::Error::from_raw_os_error(errno).to_string();
-                // Strip the " (os error N)" suffix Rust appends; Python shows errno itself.
-                let reason = reason.split(" (os error").next().unwrap_or(&reason).to_owned();
-                PyOSError::new_err((errno, format!("{what}: {reason}")))
-            }
+            Error::Os { errno, ref what } => PyOSError::new_err((errno, format!("{what}: {}", reason(errno)))),
             Error::Invalid(msg) => PyValueError::new_err(msg),
             Error::Malformed(msg) => PyOSError::new_err((libc::EPROTO, msg)),
             Error::Unsupported(msg) => PyNotImplementedError::new_err(msg),

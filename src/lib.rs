@@ -8,6 +8,7 @@ compile_error!("twfix supports Linux only (it reads sock_diag, /proc/net and /pr
 
 pub mod diag;
 pub mod errors;
+pub mod files;
 pub mod netns;
 pub mod sockets;
 pub mod sysctl;
@@ -23,6 +24,9 @@ mod _twfix {
 
     #[pymodule_export]
     use crate::diag::py::{dump_entries, listeners_in, netlink_discard, snapshot, socket_owners, socket_reuse_flags};
+
+    #[pymodule_export]
+    use crate::files::rename_at;
 
     #[pymodule_export]
     use crate::sysctl::{read_sysctls, sysctl_key, write_sysctl};

@@ -123,23 +123,37 @@ fn write_one(name: &str, value: &str) -> Result<Option<String>> {
     Ok(before)
 }
 
-/// Read raw values (None for knobs the kernel lacks), in `netns` when given.
-pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Option<String>>> {
-    crate::netns::run(netns, move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>())
+/// Read raw values (None for knobs the kernel lacks), in `netns` when given; one knob that cannot be
+/// read is an error for that knob only.
+pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Result<Option<String>>>> {
+    crate::netns::run(netns, move || Ok(names.iter().map(|n| read_one(n)).collect()))
 }
 
-/// (canonical key, raw value or None when absent) for each name, read in `netns` when given.
+/// One knob as read: (canonical key, raw value or None when absent, (errno, message) when unreadable).
+pub type PyKnob = (String, Option<String>, Option<(i32, String)>);
+
+/// Each name read, in `netns` when given. Hostile names raise ValueError before anything is read.
 #[pyfunction]
 #[pyo3(signature = (names, netns=None))]
-pub fn read_sysctls(
-    py: Python<'_>,
-    names: Vec<String>,
-    netns: Option<String>,
-) -> PyResult<Vec<(String, Option<String>)>> {
+pub fn read_sysctls(py: Python<'_>, names: Vec<String>, netns: Option<String>) -> PyResult<Vec<PyKnob>> {
     // Validate up front so bad names fail before any namespace switch.
     let keys = names.iter().map(|n| key(n)).collect::<Result<Vec<_>>>()?;
     let values = py.detach(|| read_many(names, netns))?;
-    Ok(keys.into_iter().zip(values).collect())
+    // A name that is not a knob (a directory, a path leaving /proc/sys) is the caller's mistake.
+    if let Some(Err(Error::Invalid(msg))) = values.iter().find(|v| matches!(v, Err(Error::Invalid(_)))) {
+        return Err(Error::Invalid(msg.clone()).into());
+    }
+    Ok(keys
+        .into_iter()
+        .zip(values)
+        .map(|(k, v)| match v {
+            Ok(raw) => (k, raw, None),
+            Err(Error::Os { errno, what }) => {
+                (k, None, Some((errno, format!("{what}: {}", crate::errors::reason(errno)))))
+            }
+            Err(other) => (k, None, Some((libc::EIO, other.to_string()))),
+        })
+        .collect())
 }
 
 /// Write one knob in the caller's namespace; returns the previous raw value.
@@ -193,6 +207,8 @@ mod tests {
     #[test]
     fn reads_present_and_absent_knobs() {
         assert!(read_one("kernel.ostype").expect("readable").is_some());
+        let many = read_many(vec!["kernel.ostype".into(), "net.ipv4.tcp_tw_recycle".into()], None).expect("read");
+        assert!(matches!(many.as_slice(), [Ok(Some(_)), Ok(None)]));
         assert_eq!(read_one("net.ipv4.tcp_tw_recycle").expect("absent is not an error"), None);
         assert!(matches!(resolve("net.ipv4"), Err(Error::Invalid(_))), "directories are not knobs");
     }

@@ -190,7 +190,7 @@ def test_renderings_escape_hostile_text() -> None:
 
 def test_native_surface() -> None:
     assert _twfix.sysctl_key("net/ipv4/tcp_tw_reuse") == ("net.ipv4.tcp_tw_reuse", "/proc/sys/net/ipv4/tcp_tw_reuse")
-    assert _twfix.read_sysctls(["net/ipv4/tcp_tw_recycle"]) == [("net.ipv4.tcp_tw_recycle", None)]
+    assert _twfix.read_sysctls(["net/ipv4/tcp_tw_recycle"]) == [("net.ipv4.tcp_tw_recycle", None, None)]
     with pytest.raises(ValueError, match="sysctl name"):
         _twfix.write_sysctl("../x", "1")
 

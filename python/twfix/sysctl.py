@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,6 +27,7 @@ __all__ = [
     "SysctlTable",
     "SysctlUnavailableError",
     "get",
+    "is_int_text",
     "port_range",
     "port_range_of",
     "read",
@@ -256,6 +258,7 @@ class Sysctl:
     available: bool
     history: str
     advice: str
+    error: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -292,7 +295,9 @@ class SysctlTable(Mapping[str, Sysctl]):
     def __str__(self) -> str:
         lines = []
         for r in self._rows.values():
-            value = render(r.value) if r.available else "(absent on this kernel)"
+            value = (
+                render(r.value) if r.available else f"(unreadable: {r.error})" if r.error else "(absent on this kernel)"
+            )
             mark = " *" if r.changed else ""
             default = f" (default {render(r.default)})" if r.default is not None else ""
             lines.append(f"{r.name} = {value}{mark}{default}{' ' + r.unit if r.unit and r.available else ''}")
@@ -351,24 +356,35 @@ def _ns_path(netns: str | os.PathLike[str] | None, pid: int | None) -> str | Non
     return None
 
 
+_INT: Final = re.compile(r"-?[0-9]+", re.ASCII)
+_PORTS: Final = re.compile(r"[0-9]+(?:-[0-9]+)?", re.ASCII)
+
+
 def parse(name: str, raw: str) -> Value:
-    """Turn the text of a knob into its typed value."""
+    """Turn the text of a knob into its typed value: ints only from ASCII digits (``²`` is not a number);
+    text that does not have the knob's shape is returned as the str it is."""
     knob = _CATALOGUE.get(name)
     kind = knob.kind if knob else None
     if kind == "ports":
-        ranges = []
-        for chunk in raw.replace(" ", "").split(","):
-            if not chunk:
-                continue
-            lo, _, hi = chunk.partition("-")
-            ranges.append((int(lo), int(hi or lo)))
-        return ranges
+        chunks = [c for c in raw.replace(" ", "").split(",") if c]
+        if all(_PORTS.fullmatch(c) for c in chunks):
+            ranges = []
+            for chunk in chunks:
+                lo, _, hi = chunk.partition("-")
+                ranges.append((int(lo), int(hi or lo)))
+            return ranges
+        return raw
     tokens = raw.split()
-    if tokens and all(t.lstrip("-").isdigit() for t in tokens):
+    if tokens and all(_INT.fullmatch(t) for t in tokens):
         if kind == "range" or len(tokens) > 1:
             return tuple(int(t) for t in tokens)
         return int(tokens[0])
     return raw
+
+
+def is_int_text(text: str) -> bool:
+    """True for an optionally signed run of ASCII digits (what the kernel's integer knobs accept)."""
+    return _INT.fullmatch(text.strip()) is not None
 
 
 def _missing(name: str) -> SysctlUnavailableError:
@@ -385,7 +401,9 @@ def get(name: str, *, netns: str | os.PathLike[str] | None = None, pid: int | No
     """
     if not isinstance(name, str):
         raise TypeError(f"sysctl name must be a str, not {type(name).__name__}")
-    ((key, raw),) = _twfix.read_sysctls([name], _ns_path(netns, pid))
+    ((key, raw, error),) = _twfix.read_sysctls([name], _ns_path(netns, pid))
+    if error is not None:
+        raise OSError(error[0], error[1])
     if raw is None:
         raise _missing(key)
     return parse(key, raw)
@@ -414,11 +432,11 @@ def read(
     for n in wanted:
         if not isinstance(n, str):
             raise TypeError(f"sysctl name must be a str, not {type(n).__name__}")
-    pairs = _twfix.read_sysctls([*wanted, _EHASH], _ns_path(netns, pid))
-    ehash_raw = pairs[-1][1]
-    ehash = int(ehash_raw) if ehash_raw and ehash_raw.lstrip("-").isdigit() else None
+    knobs = _twfix.read_sysctls([*wanted, _EHASH], _ns_path(netns, pid))
+    ehash_raw = knobs[-1][1]
+    ehash = int(ehash_raw) if ehash_raw and is_int_text(ehash_raw) else None
     rows = []
-    for name, raw in pairs[:-1]:
+    for name, raw, error in knobs[:-1]:
         knob = _CATALOGUE.get(name) or _Knob("", None, "", "", "", True, "", "")
         default, note = _default(knob, ehash)
         rows.append(
@@ -435,6 +453,7 @@ def read(
                 raw is not None,
                 knob.history,
                 knob.advice,
+                error[1] if error is not None else None,
             )
         )
     return SysctlTable(rows)
@@ -554,7 +573,7 @@ class PortRange:
 
 def port_range(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> PortRange:
     """The ephemeral range and reserved ports of this (or another) network namespace, read in one pass."""
-    pairs = dict(_twfix.read_sysctls([_RANGE, _RESERVED], _ns_path(netns, pid)))
+    pairs = {key: raw for key, raw, _error in _twfix.read_sysctls([_RANGE, _RESERVED], _ns_path(netns, pid))}
     return port_range_of(
         parse(_RANGE, pairs[_RANGE]) if pairs[_RANGE] is not None else None,
         parse(_RESERVED, pairs[_RESERVED]) if pairs[_RESERVED] is not None else None,
