@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 from twfix import _twfix, netns, sysctl
 from twfix._args import check_host, check_kind, check_port, resolve
 from twfix._html import SEVERITY_COLOURS, table
+from twfix._text import printable
 from twfix.diag import Process, SocketEntry, TcpState, format_endpoint, holders_of, port_entries
 from twfix.errors import AddressInUseError
 from twfix.sysctl import PortRange
@@ -69,10 +70,15 @@ class Holder:
         if self.orphan:
             who = "no process: an orphaned connection the kernel is closing"
         elif self.processes:
-            who = ", ".join(f"pid {p.pid} ({p.name})" for p in self.processes)
+            who = _pids(self.processes)
         else:
             who = "a process not visible here" + (f" (uid {self.uid})" if self.uid is not None else "")
         return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
+
+
+def _pids(processes: tuple[Process, ...] | list[Process]) -> str:
+    """``pid 12 (name), pid 13 (name)``, with names escaped: they are chosen by whoever ran the process."""
+    return ", ".join(f"pid {p.pid} ({printable(p.name)})" for p in processes)
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,9 @@ class Explanation:
     elsewhere: tuple[NamespaceHolder, ...] = ()
 
     def __str__(self) -> str:
-        lines = [self.verdict]
-        lines += [f"  - {r}" for r in self.reasons]
-        lines += [f"  > {a}" for a in self.advice]
+        lines = [printable(self.verdict)]
+        lines += [f"  - {printable(r)}" for r in self.reasons]
+        lines += [f"  > {printable(a)}" for a in self.advice]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -396,10 +402,7 @@ def _explain_listener(f: _Facts) -> Explanation:
     first = f.listeners[0]
     noun = "listener" if f.kind == "tcp" else "socket"
     overlap = "" if first.laddr[0] == f.ip else f" (overlapping {format_endpoint(*first.laddr)})"
-    if first.processes:
-        owner = ", ".join(f"pid {p.pid} ({p.name})" for p in first.processes)
-    else:
-        owner = "its owner could not be seen"
+    owner = _pids(first.processes) if first.processes else "its owner could not be seen"
     reasons = [h.describe() for h in f.listeners]
     advice = []
     if first.laddr[0] != f.ip:
@@ -553,7 +556,7 @@ def _explain_connections(f: _Facts) -> Explanation:
         reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) also remain on the port")
     advice = []
     if all(h.state == TcpState.BOUND_INACTIVE for h in f.connections):
-        owners = ", ".join(f"pid {p.pid} ({p.name})" for h in f.connections for p in h.processes) or "a process"
+        owners = _pids([p for h in f.connections for p in h.processes]) or "a process"
         verdict = f"{f.where} is bound by a socket that is neither listening nor connected (yet): {owners}"
         cause = "bound"
         reasons.append(
@@ -643,9 +646,9 @@ def address_in_use(
             explanation = None
     if explanation is None or explanation.can_bind:
         # Nothing to add (or the holder left meanwhile): keep the kernel's word.
-        message = f"Address already in use: {where}{asked} ({exc.strerror})"
+        message = f"Address already in use: {where}{printable(asked)} ({exc.strerror})"
     else:
-        message = f"Address already in use: {explanation.verdict}{asked}"
+        message = f"Address already in use: {printable(explanation.verdict)}{printable(asked)}"
         details = str(explanation).split("\n", 1)
         if len(details) == 2:
             message += "\n" + details[1]

@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple
 from twfix import _twfix, sysctl
 from twfix._args import check_count, check_kind, check_port
 from twfix._html import table
+from twfix._text import printable
 from twfix.sysctl import PortRange
 
 __all__ = [
@@ -399,8 +400,8 @@ class Holders:
                 str(h.laddr),
                 str(h.raddr) if h.raddr else "",
                 ", ".join(str(p.pid) for p in h.processes),
-                h.name or "",
-                " ".join(h.cmdline),
+                printable(h.name or ""),
+                printable(" ".join(h.cmdline)),
             )
             for h in self.holders
         ]
@@ -416,13 +417,21 @@ class Holders:
             if h.state == TcpState.TIME_WAIT:
                 who = "no process (TIME-WAIT belongs to the kernel)"
             elif h.processes:
-                who = "; ".join(f"pid {p.pid} {p.name} (uid {h.uid}): {' '.join(p.cmdline)[:120]}" for p in h.processes)
+                who = "; ".join(
+                    f"pid {p.pid} {printable(p.name)} (uid {h.uid}): {printable(' '.join(p.cmdline)[:120])}"
+                    for p in h.processes
+                )
             else:
                 who = f"uid {h.uid}, process not visible"
             lines.append(f"  {h.state:<12} {h.laddr}{peer}  {who}")
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+    def describe_processes(self) -> str:
+        """Every process holding the port, one per line, safe to print."""
+        seen: dict[int, Process] = {p.pid: p for h in self.holders for p in h.processes}
+        return "\n".join(f"pid {p.pid} {printable(p.name)}: {printable(' '.join(p.cmdline))}" for p in seen.values())
 
 
 def _read(path: str) -> bytes | None:

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 from twfix import diag, sysctl
 from twfix._html import SEVERITY_COLOURS, table
+from twfix._text import printable
 from twfix.sysctl import PortRange
 
 __all__ = ["Change", "Finding", "Report", "Severity", "doctor"]
@@ -124,12 +126,12 @@ class Report:
             mark = f"[{marks[f.severity]:>5}]"
             if colour:
                 mark = f"\x1b[{colours[f.severity]}m{mark}\x1b[0m"
-            lines.append(f"{mark} {f.code} {f.title}")
+            lines.append(f"{mark} {f.code} {printable(f.title)}")
             if f.evidence:
                 shown = ", ".join(f"{k}={_short(v)}" for k, v in f.evidence.items())
                 lines.append(f"        seen: {shown}")
             if f.advice:
-                lines.append(f"        advice: {f.advice}")
+                lines.append(f"        advice: {printable(f.advice)}")
             if f.fact:
                 lines.append(f"        because: {f.fact}")
         lines.append("verdict: " + ("ok" if self.ok else f"problems found (worst: {self.worst})"))
@@ -154,7 +156,7 @@ class Report:
 
 
 def _short(value: object) -> str:
-    text = str(value)
+    text = printable(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -215,16 +217,21 @@ class _Host:
             self._tcpext = counters
         return self._tcpext
 
-    def config_files(self) -> list[Path]:
-        files = []
-        main = self.root / "etc" / "sysctl.conf"
-        if main.is_file():
-            files.append(main)
+    def config_files(self) -> list[tuple[Path, OSError | None]]:
+        """The sysctl files systemd-sysctl reads, each with the error that stops twfix from reading it (a
+        file, or the directory it would be listed from); one unreadable place never hides the others."""
+        found: list[tuple[Path, OSError | None]] = [(self.root / "etc" / "sysctl.conf", None)]
         for d in ("etc/sysctl.d", "run/sysctl.d", "usr/lib/sysctl.d", "lib/sysctl.d"):
             folder = self.root / d
-            if folder.is_dir():
-                files += sorted(p for p in folder.iterdir() if p.suffix == ".conf" and p.is_file())
-        return files
+            try:
+                names = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                found.append((folder, exc))
+                continue
+            found += [(folder / n, None) for n in names if n.endswith(".conf")]
+        return found
 
     def change(self, name: str, after: Any, reason: str) -> tuple[Change, ...]:
         """The fix setting ``name`` to ``after``, or nothing when that is already its value."""
@@ -505,53 +512,100 @@ def _config_lines(text: str) -> Iterator[tuple[int, str, str, str]]:
         yield n, key, value.strip(), raw
 
 
+def _read_config(path: Path) -> str | None:
+    """A config file's text: a regular file of bounded size, opened without following a FIFO into a hang;
+    None when it is absent or not a regular file (systemd-sysctl reads those, twfix does not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(_MAX_CONFIG).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+# sysctl.d files are small; a larger one is read up to this size.
+_MAX_CONFIG: Final = 1 << 20
+
+
 @_rule
 def _folklore(host: _Host) -> Iterator[Finding]:
-    for path in host.config_files():
-        try:
-            text = path.read_text(errors="replace")
-        except OSError as exc:
+    for path, error in host.config_files():
+        text = None
+        if error is None:
+            try:
+                text = _read_config(path)
+            except OSError as exc:
+                error = exc
+        if error is not None:
             yield Finding(
                 "CONF-UNREADABLE",
                 Severity.INFO,
-                f"{path} could not be read: {exc.strerror or exc}",
-                {"file": str(path), "errno": exc.errno},
+                f"{path} could not be read: {error.strerror or error}",
+                {"file": str(path), "errno": error.errno},
                 "run twfix doctor as root to check every sysctl file",
             )
             continue
-        mentions_tw = bool(_TW_HINT.search(text))
-        for n, key, value, raw in _config_lines(text):
-            spec = _FOLKLORE.get(key)
-            if spec is None:
-                if key == "net.ipv4.tcp_max_tw_buckets" and value.isdigit():
-                    current_default = host.default("net.ipv4.tcp_max_tw_buckets")
-                    if isinstance(current_default, int) and int(value) < current_default:
-                        yield Finding(
-                            "CONF-TW-BUCKETS-LOWERED",
-                            Severity.WARNING,
-                            f"{path}:{n} lowers tcp_max_tw_buckets to {value}",
-                            {"file": str(path), "line": n, "text": raw.strip()},
-                            "remove the line; lowering the cap destroys TIME-WAITs silently instead of removing "
-                            "their cause",
-                            _TW_FACT,
-                            host.change(
-                                "net.ipv4.tcp_max_tw_buckets",
-                                current_default,
-                                "restore the kernel default at runtime (and remove the line that lowers it)",
-                            ),
-                        )
-                continue
-            code, severity, title, advice, fact = spec
-            if code == "CONF-SYNCOOKIES" and not mentions_tw:
-                continue
+        if text is None:
+            continue
+        yield from _check_config(host, path, text)
+
+
+def _numeric(value: str) -> bool:
+    """A value an integer knob (or a range of them) accepts: ASCII numbers separated by blanks."""
+    parts = value.split()
+    return bool(parts) and all(sysctl.is_int_text(p) for p in parts)
+
+
+def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
+    mentions_tw = bool(_TW_HINT.search(text))
+    for n, key, value, raw in _config_lines(text):
+        row = host.knobs.get(key)
+        if row is not None and row.available and isinstance(row.value, int | tuple) and not _numeric(value):
             yield Finding(
-                code,
-                severity,
-                f"{path}:{n} {title}",
+                "CONF-BAD-VALUE",
+                Severity.WARNING,
+                f"{path}:{n} sets {key} to {value!r}, which is not a number",
                 {"file": str(path), "line": n, "text": raw.strip()},
-                advice,
-                fact,
+                "fix the value: the kernel refuses it, so this line has no effect at boot",
             )
+            continue
+        spec = _FOLKLORE.get(key)
+        if spec is None:
+            if key == "net.ipv4.tcp_max_tw_buckets" and sysctl.is_int_text(value):
+                current_default = host.default("net.ipv4.tcp_max_tw_buckets")
+                if isinstance(current_default, int) and int(value) < current_default:
+                    yield Finding(
+                        "CONF-TW-BUCKETS-LOWERED",
+                        Severity.WARNING,
+                        f"{path}:{n} lowers tcp_max_tw_buckets to {value}",
+                        {"file": str(path), "line": n, "text": raw.strip()},
+                        "remove the line; lowering the cap destroys TIME-WAITs silently instead of removing "
+                        "their cause",
+                        _TW_FACT,
+                        host.change(
+                            "net.ipv4.tcp_max_tw_buckets",
+                            current_default,
+                            "restore the kernel default at runtime (and remove the line that lowers it)",
+                        ),
+                    )
+            continue
+        code, severity, title, advice, fact = spec
+        if code == "CONF-SYNCOOKIES" and not mentions_tw:
+            continue
+        yield Finding(
+            code,
+            severity,
+            f"{path}:{n} {title}",
+            {"file": str(path), "line": n, "text": raw.strip()},
+            advice,
+            fact,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- entry

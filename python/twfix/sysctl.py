@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from twfix import _twfix
 from twfix._html import table
+from twfix._text import printable
 from twfix.errors import TwfixError
 
 __all__ = [
@@ -326,7 +327,9 @@ class SysctlTable(Mapping[str, Sysctl]):
 
 
 def render(value: object) -> str:
-    """A value as sysctl.conf writes it: "32768 60999", "8080,9000-9010", "1"."""
+    """A value as sysctl.conf writes it: "32768 60999", "8080,9000-9010", "1" (text escaped)."""
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
     if isinstance(value, list):
