@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,20 +50,42 @@ def test_plan_and_write(netns: NetNS, empty_root: Path, tmp_path: Path) -> None:
 
 
 def test_every_listener_inside_the_range_is_reserved(netns: NetNS, empty_root: Path) -> None:
-    """Regression: tune reserved only the first 50 ports, taken from the doctor's shortened display."""
+    """Regression: tune reserved only the first 50 ports, taken from the doctor's shortened display.
+    Only ports a service fixes are reserved: not the ones bind(0) handed out (a Jupyter kernel has five)."""
     assert netns.read_sysctl("net.ipv4.ip_local_port_range").split() == ["32768", "60999"]
-    listeners = [twfix.reusable_tcp_server(40100 + i, "127.0.0.1") for i in range(60)]
+    fixed = [40100 + 2 * i for i in range(60)]  # the parity connect() takes: never a bind(0) choice
+    listeners = [twfix.reusable_tcp_server(p, "127.0.0.1") for p in fixed]
+    chosen = [twfix.reusable_tcp_server(0, "127.0.0.1") for _ in range(5)]
+    named = subprocess.Popen(  # an odd port, but its command line names it: a service's fixed port
+        [
+            sys.executable,
+            "-c",
+            "import sys,time,twfix\ns=twfix.reusable_tcp_server(int(sys.argv[2]),'127.0.0.1')\n"
+            "print(1, flush=True)\ntime.sleep(60)",
+            "--port",
+            "40301",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert named.stdout is not None
+        named.stdout.readline()
         report = twfix.doctor(root=empty_root)
         (finding,) = report.by_code("LISTEN-IN-EPHEMERAL")
-        assert finding.evidence["ports"] == list(range(40100, 40160))
+        assert finding.evidence["ports"] == [*fixed, 40301]
+        assert f"pid {named.pid}" in finding.evidence["owners"][40301][0]
+        (kernel_chosen,) = report.by_code("LISTEN-EPHEMERAL-CHOSEN")
+        assert kernel_chosen.evidence["ports"] == sorted(s.getsockname()[1] for s in chosen)
         changes = {c.name: c for c in tune.plan(root=empty_root).changes}
         reserved = changes["net.ipv4.ip_local_reserved_ports"]
         assert reserved.before == []
-        assert reserved.after == [(p, p) for p in range(40100, 40160)]
+        assert reserved.after == [(p, p) for p in [*fixed, 40301]]
         assert "net.ipv4.ip_local_port_range" not in changes  # nothing to change there: never a no-op change
     finally:
-        for s in listeners:
+        named.kill()
+        named.communicate()
+        for s in listeners + chosen:
             s.close()
 
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -15,6 +17,7 @@ from typing import Any, TextIO
 
 import twfix
 from twfix import diag, sysctl, tune
+from twfix._text import printable
 from twfix.conflict import explain
 from twfix.doctor import Severity, doctor
 from twfix.errors import TwfixError
@@ -160,10 +163,44 @@ _COMMANDS = {
 }
 
 
+def _tolerant(stream: TextIO | None) -> TextIO | None:
+    """Characters the stream's encoding cannot show are written as escapes, not raised as errors
+    (a non-ASCII command line of another process on an ASCII terminal is not the user's mistake)."""
+    if isinstance(stream, io.TextIOWrapper):
+        with contextlib.suppress(ValueError, io.UnsupportedOperation):  # a closed stream is dealt with below
+            stream.reconfigure(errors="backslashreplace")
+    return stream
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit status instead of exiting."""
-    out = out or sys.stdout
-    err = err or sys.stderr
+    """Run the CLI; returns the exit status instead of exiting.
+
+    Exit status: 0 success, 1 the command's own negative answer or an error while running it, 2 a usage
+    error. Output that cannot be written (a closed standard output, a reader that went away as in
+    ``twfix sockets | head``) ends the command quietly, never with a traceback.
+    """
+    out = _tolerant(out or sys.stdout)
+    err = _tolerant(err or sys.stderr) or io.StringIO()
+    if out is None or out.closed:
+        err.write("twfix: standard output is closed; nothing to write to\n")
+        return 1
+    try:
+        return _run(argv, out, err)
+    except BrokenPipeError:
+        _silence(out)
+        return 0
+
+
+def _silence(out: TextIO) -> None:
+    """After a reader went away: point the descriptor at /dev/null so the interpreter's final flush of
+    the same pipe does not raise again (as the Python documentation recommends for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+
+
+def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -180,12 +217,16 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         parser.print_help(err)
         return 2
     try:
-        return _COMMANDS[args.command](args, out)
+        status = _COMMANDS[args.command](args, out)
+        out.flush()
+        return status
+    except BrokenPipeError:
+        raise
     except (ValueError, TypeError) as exc:
-        err.write(f"twfix {args.command}: error: {exc}\n")
+        err.write(f"twfix {args.command}: error: {printable(exc)}\n")
         return 2
     except (TwfixError, OSError, LookupError, NotImplementedError) as exc:
-        err.write(f"twfix {args.command}: {exc}\n")
+        err.write(f"twfix {args.command}: {printable(exc)}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -34,6 +34,7 @@ __all__ = [
     "ephemeral_usage",
     "format_endpoint",
     "holders_of",
+    "owners_of",
     "port_entries",
     "snapshot",
     "sockets",
@@ -467,16 +468,23 @@ def port_entries(kind: str, port: int, states: Iterable[TcpState | str] | None =
     return _dump(kind, None, _state_mask(states), port)
 
 
+def owners_of(inodes: Iterable[int]) -> tuple[dict[int, tuple[Process, ...]], int]:
+    """Every process holding each socket inode (one pass over /proc), and how many processes could not
+    be inspected."""
+    triples, denied = _twfix.socket_owners([i for i in inodes if i])
+    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
+    held: dict[int, list[Process]] = {}
+    for inode, pid, fd in triples:
+        held.setdefault(inode, []).append(processes[pid]._replace(fd=fd))
+    return {inode: tuple(procs) for inode, procs in held.items()}, denied
+
+
 def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
     """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
-    triples, denied = _twfix.socket_owners([e.inode for e in entries if e.inode])
-    held: dict[int, list[tuple[int, int]]] = {}
-    for inode, pid, fd in triples:
-        held.setdefault(inode, []).append((pid, fd))
-    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
+    owners, denied = owners_of(e.inode for e in entries)
     holders = []
     for e in entries:
-        procs = tuple(processes[pid]._replace(fd=fd) for pid, fd in held.get(e.inode, ())) if e.inode else ()
+        procs = owners.get(e.inode, ()) if e.inode else ()
         first = procs[0] if procs else None
         holders.append(
             PortHolder(

@@ -454,15 +454,30 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
     ports = host.ports
     if ports is None:
         return
-    inside = sorted({s.laddr.port for s in host.table().listeners if ports.assigns(s.laddr.port)})
-    if inside:
+    inside = [s for s in host.table().listeners if ports.assigns(s.laddr.port)]
+    if not inside:
+        return
+    owners, _denied = diag.owners_of(s.inode for s in inside)
+    fixed: dict[int, list[str]] = {}
+    chosen: dict[int, list[str]] = {}
+    for s in inside:
+        procs = owners.get(s.inode, ())
+        names = [f"pid {p.pid} ({printable(p.name)})" for p in procs]
+        # bind(0) takes ports of the parity connect() does not take first; a port of that parity that no
+        # owner names on its command line was most likely chosen by the kernel (Jupyter kernels, test
+        # servers), which is how the ephemeral range is meant to be used.
+        by_kernel = s.laddr.port % 2 != ports.low % 2 and not any(_names_port(p, s.laddr.port) for p in procs)
+        (chosen if by_kernel else fixed).setdefault(s.laddr.port, []).extend(names)
+    if fixed:
+        listed = sorted(fixed)
         reserved = list(host.knob("net.ipv4.ip_local_reserved_ports") or [])
-        merged = sorted(set(reserved) | {(p, p) for p in inside})
+        merged = sorted(set(reserved) | {(p, p) for p in listed})
         yield Finding(
             "LISTEN-IN-EPHEMERAL",
             Severity.WARNING,
-            f"{len(inside)} listening port(s) inside the ephemeral range {ports.low}-{ports.high}: {_short(inside)}",
-            {"ports": inside},
+            f"{len(listed)} service port(s) inside the ephemeral range {ports.low}-{ports.high}: "
+            + _short("; ".join(f"{p} {', '.join(sorted(set(fixed[p]))) or '(owner not visible)'}" for p in listed)),
+            {"ports": listed, "owners": {p: sorted(set(v)) for p, v in fixed.items()}},
             "move the services below the range or add their ports to net.ipv4.ip_local_reserved_ports",
             "an outgoing connection may take such a port first; the service then fails to start with EADDRINUSE "
             "even with SO_REUSEADDR",
@@ -470,6 +485,22 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
                 "net.ipv4.ip_local_reserved_ports", merged, "keep outgoing connections off the ports of local services"
             ),
         )
+    if chosen:
+        listed = sorted(chosen)
+        yield Finding(
+            "LISTEN-EPHEMERAL-CHOSEN",
+            Severity.OK,
+            f"{len(listed)} listener(s) on ports the kernel chose (bind to port 0): {_short(listed)}",
+            {"ports": listed, "owners": {p: sorted(set(v)) for p, v in chosen.items()}},
+            "",
+            "bind(0) hands out ports of the range's other parity first; such listeners are fine where they are",
+        )
+
+
+def _names_port(proc: diag.Process, port: int) -> bool:
+    """Does the process's command line mention ``port`` (``--port 8080``, ``:8080``, ``port=8080``)?"""
+    pattern = re.compile(rf"(?<![0-9]){port}(?![0-9])")
+    return any(pattern.search(arg) for arg in proc.cmdline)
 
 
 _FOLKLORE: Final = {
