@@ -109,7 +109,7 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
     plan = tune.plan(root=args.root)
-    if args.write:
+    if args.write is not None:
         written = tune.write(plan, args.write)
         out.write(
             f"wrote {written.path}" + (f" (previous version kept as {written.backup})" if written.backup else "") + "\n"

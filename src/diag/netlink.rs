@@ -239,25 +239,32 @@ pub fn walk_messages(buf: &[u8], seq: u32, mut each: impl FnMut(&[u8]) -> Result
 
 static SEQ: AtomicU32 = AtomicU32::new(1);
 
-fn open_socket() -> Result<Socket> {
+fn open_socket(timeout: Duration) -> Result<Socket> {
     let sock =
         Socket::new(Domain::from(libc::AF_NETLINK), Type::DGRAM.cloexec(), Some(Protocol::from(NETLINK_SOCK_DIAG)))
             .map_err(|e| Error::os(e, "socket(AF_NETLINK, NETLINK_SOCK_DIAG)"))?;
     // A larger buffer only saves wake-ups; a refusal is harmless.
     let _ = sock.set_recv_buffer_size(1 << 20);
-    sock.set_read_timeout(Some(RECV_TIMEOUT)).map_err(|e| Error::os(e, "setsockopt(SO_RCVTIMEO)"))?;
+    sock.set_read_timeout(Some(timeout)).map_err(|e| Error::os(e, "setsockopt(SO_RCVTIMEO)"))?;
     Ok(sock)
 }
 
 /// Send the dump request of `family` and hand every received datagram (with the request's sequence
 /// number) to `on_datagram`, until it reports the end of the dump. `on_datagram` may take the buffer
 /// (a new one is allocated then) to pass it on without a copy.
-pub fn recv_loop(family: u8, q: &Query, mut on_datagram: impl FnMut(&mut Vec<u8>, u32) -> Result<Batch>) -> Result<()> {
-    let sock = open_socket()?;
+pub fn recv_loop(family: u8, q: &Query, on_datagram: impl FnMut(&mut Vec<u8>, u32) -> Result<Batch>) -> Result<()> {
+    let sock = open_socket(RECV_TIMEOUT)?;
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let req = build_filtered_request(family, q.proto, q.kernel_states, seq, q.filter);
     // Unaddressed, a netlink datagram goes to the kernel (port id 0).
     sock.send(&req).map_err(|e| Error::os(e, "send(sock_diag request)"))?;
+    receive(&sock, seq, on_datagram)
+}
+
+/// Receive the datagrams of one dump until `on_datagram` reports its end. Every receive is bounded by
+/// the socket's timeout: a dump whose end never comes is an ETIMEDOUT error, not a hang.
+fn receive(sock: &Socket, seq: u32, mut on_datagram: impl FnMut(&mut Vec<u8>, u32) -> Result<Batch>) -> Result<()> {
+    let timeout = sock.read_timeout().ok().flatten().unwrap_or(RECV_TIMEOUT);
     let mut buf: Vec<u8> = Vec::new();
     loop {
         if buf.capacity() < RECV_BUF {
@@ -271,7 +278,7 @@ pub fn recv_loop(family: u8, q: &Query, mut on_datagram: impl FnMut(&mut Vec<u8>
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(Error::Os {
                     errno: libc::ETIMEDOUT,
-                    what: format!("sock_diag dump: no reply for {} s", RECV_TIMEOUT.as_secs()),
+                    what: format!("sock_diag dump: no reply for {:.1} s", timeout.as_secs_f64()),
                 });
             }
             Err(e) => return Err(Error::os(e, "recv(sock_diag)")),
@@ -336,6 +343,16 @@ pub(crate) mod tests {
             m.push(0);
         }
         m
+    }
+
+    #[test]
+    fn a_dump_whose_end_never_comes_times_out() {
+        // No request is sent, so nothing ever arrives: the receive must give up, not block forever.
+        let sock = open_socket(Duration::from_millis(200)).expect("netlink socket");
+        let started = std::time::Instant::now();
+        let err = receive(&sock, 1, |_, _| Ok(Batch::default())).expect_err("nothing to receive");
+        assert!(matches!(err, Error::Os { errno: libc::ETIMEDOUT, .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[test]
