@@ -434,3 +434,20 @@ def test_cli_edges_are_not_usage_errors(netns: NetNS, hostile_listener: int) -> 
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_file_parsers_never_crash_on_random_text() -> None:
+    """Config lines and knob values come from files and the kernel: random text never raises."""
+    import random
+
+    from twfix import doctor
+
+    rng = random.Random(20261125)
+    alphabet = "0123456789 -=,.#;\t\n\x00\x1b\u00b2\u0663abcnet.ipv4.tcp_"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60)))
+        for name in ("net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_fin_timeout"):
+            value = sysctl.parse(name, text)
+            assert isinstance(value, int | str | tuple | list)
+        list(doctor._config_lines(text))
+        sysctl.is_int_text(text)
