@@ -3,87 +3,27 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
-import fcntl
 import functools
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-CLONE_NEWNET = 0x40000000
-REQUIRE_NETNS = os.environ.get("TWFIX_REQUIRE_NETNS", "") not in ("", "0")
+from twfix.pytest_plugin import NetworkNamespace
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _lo_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), 0x8913, ifreq))[1]
-        fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
-
-
-def netns_unavailable_reason() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root to create a private network namespace"
-    if not os.path.exists("/proc/self/ns/net"):
-        return "no network namespaces on this platform"
-    return None
-
-
-class NetNS:
-    """The fresh network namespace the current test runs in (main thread only)."""
-
-    def sysctl_path(self, name: str) -> str:
-        return "/proc/sys/" + name.replace(".", "/")
-
-    def read_sysctl(self, name: str) -> str:
-        with open(self.sysctl_path(name)) as f:
-            return f.read().strip()
-
-    def write_sysctl(self, name: str, value: str) -> None:
-        with open(self.sysctl_path(name), "w") as f:
-            f.write(value + "\n")  # an empty string alone would not reach the kernel
+NetNS = NetworkNamespace
 
 
 @pytest.fixture
-def netns() -> Iterator[NetNS]:
-    """Run the test in a fresh, private network namespace with `lo` up; restored afterwards."""
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        if REQUIRE_NETNS:
-            pytest.fail(f"TWFIX_REQUIRE_NETNS is set but {reason}")
-        pytest.skip(reason)
-    original = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        except OSError as exc:
-            if REQUIRE_NETNS:
-                pytest.fail(f"TWFIX_REQUIRE_NETNS is set but unshare failed: {exc}")
-            pytest.skip(f"cannot create a network namespace: {exc}")
-        try:
-            _lo_up()
-            yield NetNS()
-        finally:
-            _check(_libc.setns(original, CLONE_NEWNET), "setns(original)")
-    finally:
-        os.close(original)
+def netns(twfix_netns: NetworkNamespace) -> NetworkNamespace:
+    """The test runs in a fresh, private network namespace with `lo` up (twfix's own pytest fixture,
+    which fails instead of skipping when TWFIX_REQUIRE_NETNS is set, as in CI)."""
+    return twfix_netns
 
 
 def open_fds() -> int:
