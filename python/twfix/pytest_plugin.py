@@ -184,6 +184,12 @@ class _Ports:
         self._mine.clear()
 
 
+def _one_port(request: pytest.FixtureRequest, kind: str) -> Iterator[int]:
+    ports = _Ports(_pool(request.config))
+    yield ports(kind)
+    ports.release()
+
+
 @pytest.fixture(scope="session")
 def twfix_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., int]]:
     """``twfix_port_factory("tcp" | "udp")``: another reserved port, held until the end of the session."""
@@ -195,29 +201,26 @@ def twfix_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[...,
 @pytest.fixture
 def twfix_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port reserved for this test: free now, and no other test, worker or pytest run gets it."""
-    ports = _Ports(_pool(request.config))
-    yield ports("tcp")
-    ports.release()
+    yield from _one_port(request, "tcp")
 
 
 @pytest.fixture
 def twfix_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A UDP port reserved for this test (see ``twfix_tcp_port``)."""
-    ports = _Ports(_pool(request.config))
-    yield ports("udp")
-    ports.release()
+    yield from _one_port(request, "udp")
 
 
 class _PortOverrides:
-    """pytest-asyncio's and anyio's port fixtures, served race-free (``--twfix-ports``)."""
+    """pytest-asyncio's and anyio's port fixtures, served race-free (``--twfix-ports``). Each name gets
+    its own port, as with their plugins."""
 
     @pytest.fixture
-    def unused_tcp_port(self, twfix_tcp_port: int) -> int:
-        return twfix_tcp_port
+    def unused_tcp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
+        yield from _one_port(request, "tcp")
 
     @pytest.fixture
-    def unused_udp_port(self, twfix_udp_port: int) -> int:
-        return twfix_udp_port
+    def unused_udp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
+        yield from _one_port(request, "udp")
 
     @pytest.fixture(scope="session")
     def unused_tcp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
@@ -228,12 +231,12 @@ class _PortOverrides:
         return lambda: twfix_port_factory("udp")
 
     @pytest.fixture
-    def free_tcp_port(self, twfix_tcp_port: int) -> int:
-        return twfix_tcp_port
+    def free_tcp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
+        yield from _one_port(request, "tcp")
 
     @pytest.fixture
-    def free_udp_port(self, twfix_udp_port: int) -> int:
-        return twfix_udp_port
+    def free_udp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
+        yield from _one_port(request, "udp")
 
     @pytest.fixture(scope="session")
     def free_tcp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
