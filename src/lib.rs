@@ -20,10 +20,12 @@ mod _twfix {
     use super::*;
 
     #[pymodule_export]
-    use crate::sockets::{bind_socket, make_reusable};
+    use crate::sockets::{bind_socket, make_reusable, probe_bind};
 
     #[pymodule_export]
-    use crate::diag::py::{dump_entries, listeners_in, netlink_discard, snapshot, socket_owners, socket_reuse_flags};
+    use crate::diag::py::{
+        dump_entries, listeners_in, netlink_discard, read_proc_net, snapshot, socket_owners, socket_reuse_flags,
+    };
 
     #[pymodule_export]
     use crate::files::rename_at;

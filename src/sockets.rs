@@ -146,6 +146,34 @@ pub fn bind_socket(
     Ok(())
 }
 
+/// Bind a throw-away socket (never listening) with `flags` and report the result: 0, or the errno of the
+/// refusal. In the network namespace at `netns` when given (a short-lived thread joins it).
+#[pyfunction]
+#[pyo3(signature = (family, sotype, ip, port, flags, netns=None))]
+pub fn probe_bind(
+    py: Python<'_>,
+    family: i32,
+    sotype: i32,
+    ip: String,
+    port: u16,
+    flags: u32,
+    netns: Option<String>,
+) -> PyResult<i32> {
+    let outcome = py.detach(move || {
+        crate::netns::run(netns, move || {
+            let sock = socket2::Socket::new(socket2::Domain::from(family), socket2::Type::from(sotype).cloexec(), None)
+                .map_err(|e| Error::os(e, "socket"))?;
+            let req = Request { family, sotype, ip: &ip, port, scope_id: 0, flags, backlog: -1, multicast_group: None };
+            Ok(match configure(&sock, &req) {
+                Ok(()) => 0,
+                Err(Error::Os { errno, .. }) => errno,
+                Err(other) => return Err(other),
+            })
+        })
+    })?;
+    Ok(outcome)
+}
+
 /// Apply reuse flags to a socket that is not bound yet.
 /// Raises ValueError naming the address when the socket is already bound.
 #[pyfunction]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import socket
 from typing import Final
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_kind",
     "check_port",
     "check_timeout",
+    "namespace_path",
     "parse_literal",
     "resolve",
     "resolve_all",
@@ -112,6 +114,25 @@ def check_bind(
         None if timeout is None else check_timeout(timeout),
         None if family is None else check_family(family),
     )
+
+
+def namespace_path(netns: str | os.PathLike[str] | None, pid: int | None) -> str | None:
+    """The network namespace to read: a path (``/run/netns/NAME``), a process's (``pid``), or None for
+    the caller's own."""
+    if netns is not None and pid is not None:
+        raise ValueError("pass netns= or pid=, not both")
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"pid must be a positive int, got {pid!r}")
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessLookupError(f"no process with pid {pid}")
+        return f"/proc/{pid}/ns/net"
+    if netns is not None:
+        path = os.fspath(netns)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"netns must be a path to a network namespace, got {netns!r}")
+        return path
+    return None
 
 
 def check_kind(kind: object, allowed: tuple[str, ...], name: str = "kind") -> str:

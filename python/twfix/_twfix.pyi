@@ -15,6 +15,8 @@ __all__ = [
     "listeners_in",
     "make_reusable",
     "netlink_discard",
+    "probe_bind",
+    "read_proc_net",
     "read_sysctls",
     "rename_at",
     "snapshot",
@@ -44,6 +46,7 @@ def bind_socket(
     multicast_group: str | None = None,
 ) -> None: ...
 def make_reusable(fd: int, flags: int) -> None: ...
+def probe_bind(family: int, sotype: int, ip: str, port: int, flags: int, netns: str | None = None) -> int: ...
 
 # Socket table.
 def dump_entries(
@@ -55,9 +58,10 @@ def dump_entries(
     addr_cls: type[Any],
     families: list[Any],
     state_objs: list[Any],
+    netns: str | None = None,
 ) -> list[Any]: ...
 def snapshot(
-    proto: str, top: int, ephemeral: bytes, source: str = "auto"
+    proto: str, top: int, ephemeral: bytes, source: str = "auto", netns: str | None = None
 ) -> tuple[
     int,
     list[tuple[int, int]],
@@ -70,6 +74,7 @@ def snapshot(
     bool,
 ]: ...
 def listeners_in(proto: str, port: int, netns: str | None = None) -> list[tuple[int, str, int]]: ...
+def read_proc_net(names: list[str], netns: str | None = None) -> list[str | None]: ...
 def socket_owners(inodes: list[int]) -> tuple[list[tuple[int, int, int]], int]: ...
 def socket_reuse_flags(pid: int, fd: int, inode: int) -> tuple[bool, bool]: ...
 def netlink_discard(proto: str, states: int, one_walk: bool = False) -> int: ...

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
 from twfix import _twfix, netns, sysctl
-from twfix._args import check_host, check_kind, check_port, resolve
+from twfix._args import check_host, check_kind, check_port, namespace_path, resolve
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
 from twfix.diag import Process, SocketEntry, TcpState, format_endpoint, holders_of, port_entries
@@ -148,31 +148,27 @@ class Explanation:
         )
 
 
-def _port_settings() -> tuple[PortRange | None, int]:
-    """(ephemeral ports, ip_unprivileged_port_start) of the caller's namespace; None where unreadable."""
+def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:
+    """(ephemeral ports, ip_unprivileged_port_start) of the namespace; None where unreadable."""
     try:
-        ports: PortRange | None = sysctl.port_range()
+        ports: PortRange | None = sysctl.port_range(netns=ns)
     except (OSError, LookupError, ValueError):
         ports = None
     try:
-        start = sysctl.get("net.ipv4.ip_unprivileged_port_start")
+        start = sysctl.get("net.ipv4.ip_unprivileged_port_start", netns=ns)
     except (OSError, LookupError, ValueError):
         start = 1024
     return ports, start if isinstance(start, int) else 1024
 
 
-def _probe(kind: str, family: int, ip: str, port: int, flags: int) -> int:
+def _probe(kind: str, family: int, ip: str, port: int, flags: int, ns: str | None = None) -> int:
     """Bind a throw-away socket the way the caller would (IPv6: v6-only unless the flags ask for
-    dual-stack); returns 0 or the errno. It never listens, so it never takes a connection."""
+    dual-stack), in the namespace at ``ns``; returns 0 or the errno. It never listens, so it never takes
+    a connection."""
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     if family == socket.AF_INET6 and not flags & _twfix.F_DUALSTACK:
         flags |= _twfix.F_V6ONLY
-    with socket.socket(family, sotype) as probe:
-        try:
-            _twfix.bind_socket(probe.fileno(), family, sotype, ip, port, 0, flags, -1, None)
-        except OSError as exc:
-            return exc.errno or errno.EIO
-    return 0
+    return _twfix.probe_bind(family, sotype, ip, port, flags, ns)
 
 
 def _is_wildcard(ip: str) -> bool:
@@ -239,6 +235,7 @@ class _Facts:
     orphans: list[Holder] = field(default_factory=list)
     time_wait: list[SocketEntry] = field(default_factory=list)
     note: str | None = None
+    ns: str | None = None
 
     @property
     def where(self) -> str:
@@ -246,7 +243,7 @@ class _Facts:
 
 
 def _analyse(
-    kind: str, host: str, family: int, ip: str, port: int, flags: int, *, elsewhere: bool = True
+    kind: str, host: str, family: int, ip: str, port: int, flags: int, *, elsewhere: bool = True, ns: str | None = None
 ) -> Explanation:
     dualstack = bool(flags & _twfix.F_DUALSTACK)
     base = flags & (_twfix.F_DUALSTACK | _twfix.F_V6ONLY)
@@ -255,8 +252,8 @@ def _analyse(
     if port == 0:
         where = f"{format_endpoint(ip, port)}/{kind}"
         return Explanation(kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True)
-    plain = _probe(kind, family, ip, port, base)
-    ports, unprivileged = _port_settings()
+    plain = _probe(kind, family, ip, port, base, ns)
+    ports, unprivileged = _port_settings(ns)
     facts = _Facts(kind, host, family, ip, port, dualstack, plain, None, ports, unprivileged)
     if plain == errno.EACCES:
         return _explain_privileged(facts)
@@ -271,12 +268,12 @@ def _analyse(
     # A live listener explains most conflicts, and a listen-only dump costs next to nothing (the kernel
     # skips the established hash); the whole-table walk is made only when it does not.
     if plain != 0 and kind == "tcp":
-        live = [e for e in port_entries(kind, port, states=[TcpState.LISTEN]) if overlaps(family, ip, dualstack, e)]
+        live = [e for e in port_entries(kind, port, [TcpState.LISTEN], ns) if overlaps(family, ip, dualstack, e)]
         if live:
             facts.listeners, facts.note = _holders(live, kind, port)
-            facts.reuse = _probe(kind, family, ip, port, base | reuse_flags)
+            facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
             return _explain_listener(facts)
-    rows = [e for e in port_entries(kind, port) if overlaps(family, ip, dualstack, e)]
+    rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
     facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
     others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port)
     facts.orphans = [h for h in others if h.orphan]
@@ -286,11 +283,12 @@ def _analyse(
     # take some of its datagrams. There the holders' own options are read instead (a duplicate of their
     # descriptor), and the kernel's rule applied to them.
     if kind == "tcp" or not facts.listeners:
-        facts.reuse = _probe(kind, family, ip, port, base | reuse_flags)
+        facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
     else:
         facts.reuse = _udp_reuse_by_reading(facts.listeners, reuse_flags)
+    facts.ns = ns
     if plain == 0:
-        return _explain_free(facts, elsewhere)
+        return _explain_free(facts, elsewhere and ns is None)
     if facts.listeners:
         return _explain_listener(facts)
     if facts.orphans and not facts.connections:
@@ -441,7 +439,9 @@ def _explain_listener(f: _Facts) -> Explanation:
 
 def _explain_orphans(f: _Facts) -> Explanation:
     states = sorted({h.state for h in f.orphans})
-    frees = _seconds([e for e in port_entries(f.kind, f.port) if e.inode == 0 and e.state != TcpState.TIME_WAIT])
+    frees = _seconds(
+        [e for e in port_entries(f.kind, f.port, None, f.ns) if e.inode == 0 and e.state != TcpState.TIME_WAIT]
+    )
     reasons = [h.describe() for h in f.orphans]
     reasons.append(
         "orphans are connections of a socket that was closed (or whose process died) while the peer had not "
@@ -608,7 +608,15 @@ def _listeners_elsewhere(f: _Facts) -> tuple[NamespaceHolder, ...]:
     return tuple(found)
 
 
-def explain(port: int, host: str = "", kind: str = "tcp", *, dualstack_ipv6: bool = False) -> Explanation:
+def explain(
+    port: int,
+    host: str = "",
+    kind: str = "tcp",
+    *,
+    dualstack_ipv6: bool = False,
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+) -> Explanation:
     """Explain whether binding ``host:port`` would succeed now, with and without reuse options, and why.
 
     Args:
@@ -617,6 +625,7 @@ def explain(port: int, host: str = "", kind: str = "tcp", *, dualstack_ipv6: boo
         kind: ``"tcp"`` or ``"udp"``.
         dualstack_ipv6: ask about one IPv6 socket that also accepts IPv4 (``IPV6_V6ONLY=0``), as
             ``reusable_tcp_server(..., dualstack_ipv6=True)`` binds it.
+        netns, pid: ask about another network namespace (a container's): the probe binds run there.
     """
     port = check_port(port)
     host = check_host(host)
@@ -624,7 +633,7 @@ def explain(port: int, host: str = "", kind: str = "tcp", *, dualstack_ipv6: boo
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     family, ip, _scope = resolve(host, port, socket.AF_INET6 if dualstack_ipv6 else None, sotype)
     flags = _twfix.F_DUALSTACK if dualstack_ipv6 else 0
-    return _analyse(kind, host, family, ip, port, flags)
+    return _analyse(kind, host, family, ip, port, flags, ns=namespace_path(netns, pid))
 
 
 def _reuse_flags(kind: str) -> int:

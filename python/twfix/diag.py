@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from twfix import _twfix, sysctl
-from twfix._args import check_count, check_kind, check_port
+from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import table
 from twfix._text import printable
 from twfix.sysctl import PortRange
@@ -170,23 +171,29 @@ def sockets(
     states: Iterable[TcpState | str] | None = None,
     port: int | None = None,
     source: str = "auto",
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
 ) -> list[SocketEntry]:
     """The sockets of ``kind`` ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"), like psutil.net_connections.
 
     Args:
-        states: only these states (``TcpState`` values or names such as ``"TIME_WAIT"``); the kernel filters.
+        states: only these states (``TcpState`` values or names such as ``"TIME_WAIT"`` or ``ss``'s
+            ``"time-wait"``); the kernel filters.
         port: only sockets whose local port is this.
         source: "auto" (netlink, /proc when refused), "netlink" or "proc".
+        netns, pid: read another network namespace (a path such as ``/run/netns/NAME``, or a process's).
     """
     proto, family = _kind(kind)
     mask = _state_mask(states)
     want = None if port is None else check_port(port)
-    return _dump(proto, family, mask, want, source)
+    return _dump(proto, family, mask, want, source, namespace_path(netns, pid))
 
 
-def _dump(proto: str, family: int | None, mask: int, port: int | None, source: str = "auto") -> list[SocketEntry]:
+def _dump(
+    proto: str, family: int | None, mask: int, port: int | None, source: str = "auto", ns: str | None = None
+) -> list[SocketEntry]:
     entries: list[SocketEntry] = _twfix.dump_entries(
-        proto, mask, port, source, SocketEntry, Addr, _FAMILY_OBJS, _STATE_OBJS
+        proto, mask, port, source, SocketEntry, Addr, _FAMILY_OBJS, _STATE_OBJS, ns
     )
     if family is not None:
         return [e for e in entries if e.family == family]
@@ -279,7 +286,13 @@ class TableSnapshot:
 
 
 def snapshot(
-    kind: str = "tcp", *, top: int = 10, ports: PortRange | None = None, source: str = "auto"
+    kind: str = "tcp",
+    *,
+    top: int = 10,
+    ports: PortRange | None = None,
+    source: str = "auto",
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
 ) -> TableSnapshot:
     """Walk the table once: counts, top ports and peers, listeners and (with ``ports``) ephemeral use
     per destination. For TCP a listen-only dump comes first; it costs next to nothing (the kernel skips
@@ -290,7 +303,7 @@ def snapshot(
     top = check_count(top, "top")
     port_set = ports.port_set() if ports is not None else b""
     total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact = _twfix.snapshot(
-        proto, top, port_set, source
+        proto, top, port_set, source, namespace_path(netns, pid)
     )
     by_state = {_BY_NUMBER[s]: n for s, n in counts if s in _BY_NUMBER}
     ports_by_state: dict[TcpState, list[tuple[int, int]]] = {}
@@ -326,15 +339,23 @@ def snapshot(
     )
 
 
-def summary(kind: str = "tcp", *, top: int = 10, source: str = "auto") -> SocketSummary:
+def summary(
+    kind: str = "tcp",
+    *,
+    top: int = 10,
+    source: str = "auto",
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+) -> SocketSummary:
     """Counts by state, top local ports and remote peers per state, and a TIME-WAIT age histogram."""
-    return snapshot(kind, top=top, source=source).summary
+    return snapshot(kind, top=top, source=source, netns=netns, pid=pid).summary
 
 
-def ephemeral_usage() -> list[EphemeralUsage]:
+def ephemeral_usage(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> list[EphemeralUsage]:
     """Per destination (local ip, remote ip, remote port): ephemeral ports in use and in TIME-WAIT,
     against the usable range (ip_local_port_range minus ip_local_reserved_ports), busiest first."""
-    return list(snapshot("tcp", top=0, ports=sysctl.port_range()).usage)
+    ns = namespace_path(netns, pid)
+    return list(snapshot("tcp", top=0, ports=sysctl.port_range(netns=ns), netns=ns).usage)
 
 
 class Process(NamedTuple):
@@ -451,7 +472,9 @@ def _process(pid: int) -> Process:
     return Process(pid, name, cmd)
 
 
-def who_holds(port: int, kind: str = "tcp") -> Holders:
+def who_holds(
+    port: int, kind: str = "tcp", *, netns: str | os.PathLike[str] | None = None, pid: int | None = None
+) -> Holders:
     """The sockets bound to ``port`` with their owning processes (pid, name, command line, uid, state).
 
     Maps socket inodes to every process holding them by reading /proc/PID/fd. Without root, other
@@ -459,13 +482,16 @@ def who_holds(port: int, kind: str = "tcp") -> Holders:
     """
     proto, family = _kind(kind)
     port = check_port(port)
-    return holders_of(_dump(proto, family, _ALL_STATES, port), port, kind)
+    return holders_of(_dump(proto, family, _ALL_STATES, port, "auto", namespace_path(netns, pid)), port, kind)
 
 
-def port_entries(kind: str, port: int, states: Iterable[TcpState | str] | None = None) -> list[SocketEntry]:
+def port_entries(
+    kind: str, port: int, states: Iterable[TcpState | str] | None = None, ns: str | None = None
+) -> list[SocketEntry]:
     """The sockets of ``kind`` ("tcp"/"udp") whose local port is ``port`` (for the conflict explanation),
-    optionally only in ``states`` (a LISTEN-only dump skips the established hash: next to free)."""
-    return _dump(kind, None, _state_mask(states), port)
+    optionally only in ``states`` (a LISTEN-only dump skips the established hash: next to free), in the
+    namespace at path ``ns``."""
+    return _dump(kind, None, _state_mask(states), port, "auto", ns)
 
 
 def owners_of(inodes: Iterable[int]) -> tuple[dict[int, tuple[Process, ...]], int]:

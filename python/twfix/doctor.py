@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import diag, sysctl
+from twfix import _twfix, diag, sysctl
+from twfix._args import namespace_path
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
 from twfix.sysctl import PortRange
@@ -167,11 +168,13 @@ class _Host:
     """What the rules read, gathered once per run: the catalogue of sysctls in one pass, and one walk
     of the socket table (aggregated natively) shared by every rule."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ns: str | None = None) -> None:
         self.root = root
-        self.knobs = sysctl.read()
+        self.ns = ns
+        self.knobs = sysctl.read(netns=ns)
         self._table: diag.TableSnapshot | None = None
         self._tcpext: dict[str, int] | None = None
+        self._proc_net: dict[str, str | None] | None = None
 
     def knob(self, name: str) -> Any:
         """Typed sysctl value, or None when the running kernel lacks it."""
@@ -192,13 +195,22 @@ class _Host:
 
     def table(self) -> diag.TableSnapshot:
         if self._table is None:
-            self._table = diag.snapshot("tcp", top=_TOP, ports=self.ports)
+            self._table = diag.snapshot("tcp", top=_TOP, ports=self.ports, netns=self.ns)
         return self._table
 
+    def proc_net(self, name: str) -> str | None:
+        """A /proc/net file of the namespace (read once, with the others, from a thread inside it)."""
+        if self._proc_net is None:
+            try:
+                texts = _twfix.read_proc_net(["sockstat", "netstat"], self.ns)
+            except OSError:
+                texts = [None, None]
+            self._proc_net = dict(zip(["sockstat", "netstat"], texts, strict=True))
+        return self._proc_net.get(name)
+
     def sockstat_tw(self) -> int | None:
-        try:
-            text = Path("/proc/net/sockstat").read_text()
-        except OSError:
+        text = self.proc_net("sockstat")
+        if text is None:
             return None
         m = re.search(r"^TCP:.*\btw (\d+)", text, re.M)
         return int(m.group(1)) if m else None
@@ -206,10 +218,7 @@ class _Host:
     def tcpext(self) -> dict[str, int]:
         if self._tcpext is None:
             counters: dict[str, int] = {}
-            try:
-                lines = Path("/proc/net/netstat").read_text().splitlines()
-            except OSError:
-                lines = []
+            lines = (self.proc_net("netstat") or "").splitlines()
             for head, values in zip(lines[::2], lines[1::2], strict=False):
                 if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
                     names, nums = head.split()[1:], values.split()[1:]
@@ -305,6 +314,45 @@ def _time_wait_buckets(host: _Host) -> Iterator[Finding]:
             _TW_FACT,
             restore,
         )
+
+
+@_rule
+def _time_wait_origin(host: _Host) -> Iterator[Finding]:
+    """Where TIME-WAIT comes from: which side closes first, the busiest local ports and peers."""
+    summary = host.table().summary
+    tw = summary.by_state.get(diag.TcpState.TIME_WAIT, 0)
+    if tw < _ORIGIN_THRESHOLD:
+        return
+    server = summary.time_wait_server_side
+    ports = summary.top_local_ports.get(diag.TcpState.TIME_WAIT, [])[:5]
+    peers = summary.top_remote.get(diag.TcpState.TIME_WAIT, [])[:5]
+    listening = {s.laddr.port: s.inode for s in host.table().listeners}
+    owners, _denied = diag.owners_of(listening[p] for p, _n in ports if p in listening)
+    named = []
+    for port, count in ports:
+        procs = owners.get(listening.get(port, 0), ())
+        who = f" ({', '.join(f'pid {p.pid} {printable(p.name)}' for p in procs)})" if procs else ""
+        named.append(f"{port}{who}: {count}")
+    side = "servers here close first" if server * 2 >= tw else "clients here close first"
+    yield Finding(
+        "TW-ORIGIN",
+        Severity.INFO,
+        f"{tw} TIME-WAIT: {server} server-side, {tw - server} client-side ({side}); top local ports "
+        + ", ".join(named),
+        {
+            "time_wait": tw,
+            "server_side": server,
+            "client_side": tw - server,
+            "top_local_ports": [[p, n] for p, n in ports],
+            "top_peers": [[a.ip, a.port, n] for a, n in peers],
+        },
+        "server-side TIME-WAIT costs the server nothing but memory; client-side TIME-WAIT holds source ports "
+        "(see EPHEMERAL-HEADROOM): reuse connections, or let the server close first",
+        "the side that closes a connection first keeps its TIME-WAIT for 60 s",
+    )
+
+
+_ORIGIN_THRESHOLD: Final = 100
 
 
 @_rule
@@ -642,13 +690,21 @@ def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def doctor(*, root: str | os.PathLike[str] = "/") -> Report:
+def doctor(
+    *,
+    root: str | os.PathLike[str] = "/",
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+) -> Report:
     """Check this host's (this network namespace's) TIME-WAIT and port situation.
 
     Args:
         root: the file-system root whose ``etc/sysctl.conf`` and ``etc/sysctl.d`` are checked for
             folklore (tests pass a temporary tree).
+        netns, pid: check another network namespace (a container's) instead: its sysctls, socket table
+            and counters. The configuration files are still those under ``root``.
     """
+    ns = namespace_path(netns, pid)
     root_path = Path(os.fspath(root))
     try:
         is_dir = root_path.is_dir()
@@ -657,7 +713,7 @@ def doctor(*, root: str | os.PathLike[str] = "/") -> Report:
     if not is_dir:
         raise ValueError(f"root {str(root_path)!r} is not a directory")
     kernel = platform.release()
-    host = _Host(root_path)
+    host = _Host(root_path, ns)
     findings: list[Finding] = []
     for rule in _RULES:
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from twfix import _twfix
+from twfix._args import namespace_path
 from twfix._html import table
 from twfix._text import printable
 from twfix.errors import TwfixError
@@ -344,21 +345,6 @@ def _key(name: object) -> str:
     return _twfix.sysctl_key(name)[0]
 
 
-def _ns_path(netns: str | os.PathLike[str] | None, pid: int | None) -> str | None:
-    if netns is not None and pid is not None:
-        raise ValueError("pass netns= or pid=, not both")
-    if pid is not None:
-        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-            raise ValueError(f"pid must be a positive int, got {pid!r}")
-        path = f"/proc/{pid}/ns/net"
-        if not os.path.exists(f"/proc/{pid}"):
-            raise ProcessLookupError(f"no process with pid {pid}")
-        return path
-    if netns is not None:
-        return os.fspath(netns)
-    return None
-
-
 _INT: Final = re.compile(r"-?[0-9]+", re.ASCII)
 _PORTS: Final = re.compile(r"[0-9]+(?:-[0-9]+)?", re.ASCII)
 
@@ -404,7 +390,7 @@ def get(name: str, *, netns: str | os.PathLike[str] | None = None, pid: int | No
     """
     if not isinstance(name, str):
         raise TypeError(f"sysctl name must be a str, not {type(name).__name__}")
-    ((key, raw, error),) = _twfix.read_sysctls([name], _ns_path(netns, pid))
+    ((key, raw, error),) = _twfix.read_sysctls([name], namespace_path(netns, pid))
     if error is not None:
         raise OSError(error[0], error[1])
     if raw is None:
@@ -435,7 +421,7 @@ def read(
     for n in wanted:
         if not isinstance(n, str):
             raise TypeError(f"sysctl name must be a str, not {type(n).__name__}")
-    knobs = _twfix.read_sysctls([*wanted, _EHASH], _ns_path(netns, pid))
+    knobs = _twfix.read_sysctls([*wanted, _EHASH], namespace_path(netns, pid))
     ehash_raw = knobs[-1][1]
     ehash = int(ehash_raw) if ehash_raw and is_int_text(ehash_raw) else None
     rows = []
@@ -576,7 +562,7 @@ class PortRange:
 
 def port_range(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> PortRange:
     """The ephemeral range and reserved ports of this (or another) network namespace, read in one pass."""
-    pairs = {key: raw for key, raw, _error in _twfix.read_sysctls([_RANGE, _RESERVED], _ns_path(netns, pid))}
+    pairs = {key: raw for key, raw, _error in _twfix.read_sysctls([_RANGE, _RESERVED], namespace_path(netns, pid))}
     return port_range_of(
         parse(_RANGE, pairs[_RANGE]) if pairs[_RANGE] is not None else None,
         parse(_RESERVED, pairs[_RESERVED]) if pairs[_RESERVED] is not None else None,

@@ -15,7 +15,7 @@ use crate::errors::Error;
 /// v6only | None)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings and
 /// address objects repeat a lot in real tables and are shared instead of rebuilt.
 #[pyfunction]
-#[pyo3(signature = (proto, states, port, source, entry_cls, addr_cls, families, state_objs))]
+#[pyo3(signature = (proto, states, port, source, entry_cls, addr_cls, families, state_objs, netns=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn dump_entries<'py>(
     py: Python<'py>,
@@ -27,6 +27,7 @@ pub fn dump_entries<'py>(
     addr_cls: &Bound<'py, PyAny>,
     families: Vec<Bound<'py, PyAny>>,
     state_objs: Vec<Bound<'py, PyAny>>,
+    netns: Option<String>,
 ) -> PyResult<Bound<'py, PyList>> {
     let q =
         Query::new(Proto::parse(proto)?, states, Source::parse(source)?, port.map_or(Filter::All, Filter::LocalPort));
@@ -35,7 +36,7 @@ pub fn dump_entries<'py>(
             Error::Invalid("families must hold 2 objects (AF_INET, AF_INET6), state_objs 14 (0..13)".into()).into()
         );
     }
-    let (records, _exact) = py.detach(|| collect(&q, Vec::new, |v, r| v.push(*r)))?;
+    let (records, _exact) = py.detach(|| crate::netns::run(netns, move || collect(&q, Vec::new, |v, r| v.push(*r))))?;
     let tuple_new = py.get_type::<PyTuple>().getattr("__new__")?;
     let none = py.None().into_bound(py);
     let (yes, no) = (true.into_pyobject(py)?.to_owned().into_any(), false.into_pyobject(py)?.to_owned().into_any());
@@ -119,19 +120,28 @@ pub type PySnapshot = (
 /// comes first: it is cheap (the kernel skips the established hash) and tells server-side TIME-WAIT
 /// and accepted connections apart from outgoing ones.
 #[pyfunction]
-#[pyo3(signature = (proto, top, ephemeral, source="auto"))]
-pub fn snapshot(py: Python<'_>, proto: &str, top: usize, ephemeral: &[u8], source: &str) -> PyResult<PySnapshot> {
+#[pyo3(signature = (proto, top, ephemeral, source="auto", netns=None))]
+pub fn snapshot(
+    py: Python<'_>,
+    proto: &str,
+    top: usize,
+    ephemeral: &[u8],
+    source: &str,
+    netns: Option<String>,
+) -> PyResult<PySnapshot> {
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
     let ephemeral = PortSet::from_bytes(ephemeral)?;
-    let snap = py.detach(|| -> crate::errors::Result<(Snapshot, bool)> {
-        let mut listeners = Vec::new();
-        if proto == Proto::Tcp {
-            let q = Query::new(proto, 1 << LISTEN, source, Filter::All);
-            stream(&q, |r| listeners.push(*r))?;
-        }
-        let q = Query::new(proto, ALL_STATES, source, Filter::All);
-        collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone()), Snapshot::add)
+    let snap = py.detach(|| {
+        crate::netns::run(netns, move || -> crate::errors::Result<(Snapshot, bool)> {
+            let mut listeners = Vec::new();
+            if proto == Proto::Tcp {
+                let q = Query::new(proto, 1 << LISTEN, source, Filter::All);
+                stream(&q, |r| listeners.push(*r))?;
+            }
+            let q = Query::new(proto, ALL_STATES, source, Filter::All);
+            collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone()), Snapshot::add)
+        })
     });
     let (s, exact) = snap?;
     let counts = s.by_state.iter().enumerate().filter(|(_, c)| **c > 0).map(|(st, c)| (st as u8, *c)).collect();
@@ -191,4 +201,40 @@ pub fn socket_reuse_flags(py: Python<'_>, pid: u32, fd: u32, inode: u64) -> PyRe
 pub fn netlink_discard(py: Python<'_>, proto: &str, states: u32, one_walk: bool) -> PyResult<u64> {
     let proto = Proto::parse(proto)?;
     Ok(py.detach(|| netlink::discard(proto, states, one_walk))?)
+}
+
+/// The text of `/proc/net/NAME` files (`sockstat`, `netstat`, ...) as the network namespace at `netns` (or
+/// this thread's) sees them; None for a file that does not exist. At most 1 MiB of each is read.
+#[pyfunction]
+#[pyo3(signature = (names, netns=None))]
+pub fn read_proc_net(py: Python<'_>, names: Vec<String>, netns: Option<String>) -> PyResult<Vec<Option<String>>> {
+    use std::io::Read;
+    for n in &names {
+        if n.is_empty() || n.contains('/') || n.starts_with('.') {
+            return Err(crate::errors::Error::Invalid(format!("{n:?} is not a /proc/net file name")).into());
+        }
+    }
+    let out = py.detach(|| {
+        crate::netns::run(netns, move || {
+            names
+                .iter()
+                .map(|n| {
+                    // thread-self: the namespace of the thread that reads, which may have joined another.
+                    let path = format!("/proc/thread-self/net/{n}");
+                    match std::fs::File::open(&path) {
+                        Ok(f) => {
+                            let mut text = String::new();
+                            f.take(1 << 20)
+                                .read_to_string(&mut text)
+                                .map_err(|e| crate::errors::Error::os(e, format!("read {path}")))?;
+                            Ok(Some(text))
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(crate::errors::Error::os(e, format!("open {path}"))),
+                    }
+                })
+                .collect::<crate::errors::Result<Vec<_>>>()
+        })
+    })?;
+    Ok(out)
 }
