@@ -1,40 +1,64 @@
-"""The ``twfix`` command line: ``doctor``, ``sysctl``, ``tune``, ``sockets``, ``who``, ``explain``.
+"""The ``twfix`` command line: doctor, summary, sockets, who, explain, wait, sysctl, tune.
 
-``main(argv)`` returns the exit status: 0 when nothing reaches the threshold (doctor) or on success,
-1 when something does, 2 on a usage error. Errors are printed as one line, never as a traceback.
+``main(argv)`` returns the exit status instead of exiting. Exit status of every command: 2 for a usage
+error (with that subcommand's usage on stderr); otherwise
+
+* ``doctor``: 0 when no finding reaches ``--fail-on`` (default: warning), 1 when one does;
+* ``explain``: 0 when a bind would succeed now, 1 when it would not;
+* ``wait``: 0 once a bind would succeed, 1 on timeout;
+* ``who``: 0 when something holds the port, 1 when nothing does (as ``lsof`` and ``fuser``);
+* ``sysctl``: 0, or 1 when a named knob does not exist on this kernel;
+* ``summary``, ``sockets``, ``tune``: 0;
+* any command: 1 when the kernel or a file refused what it needed (the reason on stderr), 130 on Ctrl-C.
+
+Errors go to stderr as one line, never a traceback. Colour only on a terminal, never with ``NO_COLOR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
+import ipaddress
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import textwrap
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import twfix
 from twfix import diag, sysctl, tune
 from twfix._text import printable
-from twfix.conflict import explain
+from twfix.conflict import Explanation, explain
+from twfix.diag import SocketEntry, TcpState
 from twfix.doctor import Severity, doctor
 from twfix.errors import TwfixError
 
 
 class _UsageError(Exception):
-    pass
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(f"{parser.prog}: error: {message}")
+        self.parser = parser
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
-        raise _UsageError(f"{self.prog}: error: {message}")
+        raise _UsageError(self, message)
+
+
+def _namespace_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--netns", metavar="PATH", help="read another network namespace (e.g. /run/netns/NAME)")
+    where.add_argument("--pid", type=int, metavar="PID", help="read the network namespace of process PID")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="twfix", description="TIME-WAIT, port and address-reuse diagnostics for Linux.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("doctor", help="check this host's TIME-WAIT and port situation")
@@ -46,28 +70,74 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 when a finding reaches this severity (default: warning)",
     )
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    _namespace_options(p)
+
+    p = sub.add_parser("summary", help="counts by state, top ports and peers, TIME-WAIT ages (like ss -s)")
+    p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="ports and peers shown per state (default 5)")
+    p.add_argument("--json", action="store_true")
+    _namespace_options(p)
+
+    p = sub.add_parser("sockets", help="list sockets (like ss), with filters")
+    p.add_argument("-u", "--udp", action="store_true", help="UDP instead of TCP")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="family", action="store_const", const="4", help="IPv4 only")
+    fam.add_argument("-6", dest="family", action="store_const", const="6", help="IPv6 only")
+    p.add_argument("-l", "--listening", action="store_true", help="listening (TCP) or unconnected (UDP) only")
+    p.add_argument(
+        "--state",
+        action="append",
+        metavar="STATE",
+        help="filter by state, ss names accepted (estab, time-wait, close-wait, syn-sent, unconn, ...); repeatable",
+    )
+    p.add_argument("--sport", type=_port_arg, metavar="PORT", help="local port")
+    p.add_argument("--dport", type=_port_arg, metavar="PORT", help="peer port")
+    p.add_argument("--src", type=_ip_arg, metavar="IP", help="local address")
+    p.add_argument("--dst", type=_ip_arg, metavar="IP", help="peer address")
+    p.add_argument("-p", "--processes", action="store_true", help="show the processes holding each socket")
+    p.add_argument("--count", action="store_true", help="print only the number of matching sockets")
+    p.add_argument("--json", action="store_true")
+    _namespace_options(p)
+
+    p = sub.add_parser("who", help="who holds a port: processes first, kernel-owned sockets counted")
+    p.add_argument("port", type=_port_arg)
+    p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    p.add_argument("--all", action="store_true", help="list every socket, one per line")
+    p.add_argument("--json", action="store_true")
+    _namespace_options(p)
+
+    for name, helptext in (
+        ("explain", "why a bind of PORT fails (exit 0: it would succeed)"),
+        ("wait", "wait until a bind of PORT would succeed (for restart scripts and CI)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("port", type=_port_arg)
+        p.add_argument("--host", default="", help="the local address (default: the IPv4 wildcard)")
+        p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+        p.add_argument("--dualstack", action="store_true", help="one IPv6 socket that also accepts IPv4")
+        if name == "explain":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds (60)")
+            p.add_argument(
+                "--reuse",
+                action="store_true",
+                help="a bind with SO_REUSEADDR (SO_REUSEPORT for UDP) is enough, as twfix.reusable_tcp_server does",
+            )
+        _namespace_options(p)
 
     p = sub.add_parser("sysctl", help="the kernel knobs that matter, with explanations")
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="full (net.ipv4.tcp_fin_timeout) or short (tcp_fin_timeout)"
+    )
     p.add_argument("--json", action="store_true")
+    _namespace_options(p)
 
     p = sub.add_parser("tune", help="print (or write, or apply) recommended sysctl changes")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="PATH", help="write the snippet to PATH atomically")
     group.add_argument("--apply", action="store_true", help="set the values now (root only)")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
-
-    for name, helptext in (("sockets", "list sockets"), ("who", "who holds a port"), ("explain", "why a bind fails")):
-        p = sub.add_parser(name, help=helptext)
-        if name != "sockets":
-            p.add_argument("port", type=_port_arg)
-        if name == "explain":
-            p.add_argument("--host", default="")
-        if name == "sockets":
-            p.add_argument("--state", action="append", metavar="STATE", help="filter by state (repeatable)")
-            p.add_argument("--port", type=_port_arg)
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
     return parser
 
 
@@ -81,29 +151,241 @@ def _port_arg(text: str) -> int:
     return value
 
 
+def _ip_arg(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
 def _colour(stream: TextIO) -> bool:
-    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    return _isatty(stream) and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, OSError):
+        return False
+
+
+def _width(stream: TextIO) -> int | None:
+    """The terminal's width when writing to one; None (no wrapping) for pipes and files."""
+    return shutil.get_terminal_size((100, 24)).columns if _isatty(stream) else None
+
+
+def _write(out: TextIO, text: str) -> None:
+    """Write lines, wrapped to the terminal's width (continuations indented like their line)."""
+    width = _width(out)
+    for line in text.splitlines():
+        if width is None or len(line) <= width:
+            out.write(line + "\n")
+            continue
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        out.write(textwrap.fill(line, width, subsequent_indent=indent, break_on_hyphens=False) + "\n")
 
 
 def _dump(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _ns(args: argparse.Namespace) -> dict[str, Any]:
+    return {"netns": getattr(args, "netns", None), "pid": getattr(args, "pid", None)}
+
+
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
-    report = doctor(root=args.root)
+    report = doctor(root=args.root, **_ns(args))
     if args.json:
         _dump(report.to_dict(), out)
     else:
-        out.write(report.render(colour=_colour(out)) + "\n")
+        _write(out, report.render(colour=_colour(out)))
     return 1 if report.reaches(Severity(args.fail_on)) else 0
 
 
+def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
+    s = diag.summary("udp" if args.udp else "tcp", top=args.top, **_ns(args))
+    if args.json:
+        _dump(s.to_dict(), out)
+        return 0
+    lines = [f"{s.total} {s.kind.upper()} sockets" + ("" if s.exact else " (the table changed during the dump)")]
+    width = max((len(str(state)) for state in s.by_state), default=5)
+    for state, n in sorted(s.by_state.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {state!s:<{width}}  {n:>9}")
+    for state, ports in sorted(s.top_local_ports.items(), key=lambda kv: -s.by_state.get(kv[0], 0)):
+        shown = ", ".join(f"{p} ({c})" for p, c in ports[: args.top])
+        peers = ", ".join(f"{a} ({c})" for a, c in s.top_remote.get(state, [])[: args.top])
+        lines.append(f"{state}:")
+        lines.append(f"  top local ports: {shown}")
+        if peers:
+            lines.append(f"  top peers: {peers}")
+    tw = s.by_state.get(TcpState.TIME_WAIT, 0)
+    if tw:
+        ages = ", ".join(f"{k}: {v}" for k, v in s.time_wait_histogram.items() if v)
+        server = s.time_wait_server_side
+        lines.append(f"TIME-WAIT seconds left: {ages}")
+        lines.append(
+            f"TIME-WAIT by side: {server} server-side (on a listening port: servers here closed first), "
+            f"{tw - server} client-side (clients here closed first)"
+        )
+    _write(out, "\n".join(lines))
+    return 0
+
+
+def _matches(e: SocketEntry, args: argparse.Namespace) -> bool:
+    if args.dport is not None and (e.raddr is None or e.raddr.port != args.dport):
+        return False
+    if args.src is not None and e.laddr.ip != args.src:
+        return False
+    return args.dst is None or (e.raddr is not None and e.raddr.ip == args.dst)
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    """Left-aligned columns, the last one cut to the terminal's width."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    width = _width(out)
+    for row in rows:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        line = line.rstrip()
+        out.write((line[: width - 1] + "…" if width and len(line) > width else line) + "\n")
+
+
+def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
+    kind = ("udp" if args.udp else "tcp") + (args.family or "")
+    states = list(args.state or [])
+    if args.listening:
+        states.append("CLOSE" if args.udp else "LISTEN")
+    entries = diag.sockets(kind, states=states or None, port=args.sport, **_ns(args))
+    entries = [e for e in entries if _matches(e, args)]
+    if args.count:
+        out.write(f"{len(entries)}\n")
+        return 0
+    owners: dict[int, tuple[diag.Process, ...]] = {}
+    if args.processes:
+        owners, _denied = diag.owners_of(e.inode for e in entries)
+    if args.json:
+        rows = []
+        for e in entries:
+            d = e.to_dict()
+            if args.processes:
+                d["processes"] = [p._asdict() for p in owners.get(e.inode, ())]
+            rows.append(d)
+        _dump(rows, out)
+        return 0
+    table = [["State", "Local", "Peer", "Uid", "Timer", "Process" if args.processes else ""]]
+    for e in entries:
+        procs = owners.get(e.inode, ())
+        table.append(
+            [
+                str(e.state),
+                str(e.laddr),
+                str(e.raddr) if e.raddr else "*",
+                str(e.uid),
+                f"{e.expires:.1f}s" if e.expires is not None else "",
+                ", ".join(f"{p.pid}/{printable(p.name)}" for p in procs) if args.processes else "",
+            ]
+        )
+    _table(table, out)
+    return 0
+
+
+def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
+    kind = "udp" if args.udp else "tcp"
+    entries = diag.sockets(kind, port=args.port, **_ns(args))
+    holders = diag.holders_of(entries, args.port, kind)
+    if args.json:
+        _dump(holders.to_dict(), out)
+        return 0 if holders.holders else 1
+    if not holders.holders:
+        out.write(f"nothing holds {kind} port {args.port}\n")
+        return 1
+    if args.all:
+        _write(out, str(holders))
+        return 0
+    lines = []
+    processes: dict[int, tuple[diag.Process, set[str]]] = {}
+    for h in holders.holders:
+        for p in h.processes:
+            processes.setdefault(p.pid, (p, set()))[1].add(f"{h.state} {h.laddr}")
+    for pid, (p, socks) in sorted(processes.items()):
+        lines.append(f"pid {pid} {printable(p.name)}: {printable(' '.join(p.cmdline))}")
+        lines.append(f"    {', '.join(sorted(socks))}")
+    for h in holders.holders:
+        if h.inode and not h.processes:
+            lines.append(f"uid {h.uid}, process not visible: {h.state} {h.laddr}")
+    kernel: dict[tuple[str, str], list[float]] = {}  # TIME-WAIT and orphans: the kernel's, not a process's
+    for e in entries:
+        if e.inode == 0:
+            kernel.setdefault((str(e.state), e.raddr.ip if e.raddr else "*"), []).append(e.expires or 0.0)
+    if kernel:
+        lines.append(f"kernel-owned, no process ({sum(map(len, kernel.values()))}; --all lists them one by one):")
+        for (state, peer), left in sorted(kernel.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"    {len(left):>7} {state:<11} peer {peer}  {min(left):.0f}-{max(left):.0f} s left")
+    if holders.note:
+        lines.append(f"note: {holders.note}")
+    _write(out, "\n".join(lines))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
+    why = _explain(args)
+    if args.json:
+        _dump(why.to_dict(), out)
+    else:
+        _write(out, str(why))
+    return 0 if why.can_bind else 1
+
+
+def _explain(args: argparse.Namespace) -> Explanation:
+    return explain(args.port, args.host, kind="udp" if args.udp else "tcp", dualstack_ipv6=args.dualstack, **_ns(args))
+
+
+def _cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
+    if not 0 <= args.timeout <= 86400:
+        raise ValueError(f"--timeout must be between 0 and 86400 seconds, got {args.timeout}")
+    deadline = time.monotonic() + args.timeout
+    said = ""
+    while True:
+        why = _explain(args)
+        if why.can_bind or (args.reuse and why.can_bind_with_reuse):
+            out.write(f"{printable(why.verdict) if said else 'free'}: a bind would succeed now\n")
+            return 0
+        left = deadline - time.monotonic()
+        if said != why.verdict:
+            when = f" (last TIME-WAIT expires in about {why.frees_in:.0f} s)" if why.frees_in is not None else ""
+            out.write(f"waiting: {printable(why.verdict)}{when}\n")
+            out.flush()
+            said = why.verdict
+        if left <= 0:
+            out.write(f"timed out after {args.timeout:g} s\n")
+            return 1
+        time.sleep(min(0.5, left, max(0.05, why.frees_in or 0.5)))
+
+
+def _resolve_knob(name: str) -> str:
+    """A full name, or the catalogue knob a short name (``tcp_fin_timeout``) stands for."""
+    if "." in name or "/" in name:
+        return name
+    catalogue = list(sysctl.read())
+    matches = [k for k in catalogue if k.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    close = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in catalogue], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; give the full name (net.ipv4.NAME)"
+    raise LookupError(f"unknown knob {name!r}{hint}")
+
+
 def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
-    table = sysctl.read(args.names or None)
+    names = [_resolve_knob(n) for n in args.names] if args.names else None
+    table = sysctl.read(names, **_ns(args))
     if args.json:
         _dump(table.to_dict(), out)
     else:
-        out.write(str(table) + "\n")
+        _write(out, str(table))
+    missing = [r.name for r in table.values() if not r.available and r.error is None]
+    if names is not None and missing:
+        close = difflib.get_close_matches(missing[0], list(sysctl.read().keys()), n=1)
+        hint = f" (did you mean {close[0]}?)" if close and close[0] != missing[0] else ""
+        raise LookupError(f"{', '.join(missing)} does not exist on this kernel{hint}")
     return 0
 
 
@@ -116,50 +398,29 @@ def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
         )
         return 0
     if args.apply:
+        if not plan.changes:
+            out.write("nothing to change: the running values are fine\n")
+            return 0
         for change in tune.apply(plan):
-            out.write(f"{change.name}: {change.before} -> {change.after}\n")
+            before, after = sysctl.render(change.before), sysctl.render(change.after)
+            out.write(f"changed {change.name} from {before} to {after}\n")
+        return 0
+    if not plan.changes:
+        out.write("# nothing to change: the running values are fine\n")
         return 0
     out.write(plan.snippet())
     return 0
 
 
-def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
-    entries = diag.sockets("udp" if args.udp else "tcp", states=args.state, port=args.port)
-    if args.json:
-        _dump([e.to_dict() for e in entries], out)
-        return 0
-    for e in entries:
-        raddr = str(e.raddr) if e.raddr else "*"
-        expires = f" {e.expires:.1f}s" if e.expires is not None else ""
-        out.write(f"{e.state:<13} {e.laddr!s:<28} {raddr:<28} uid={e.uid}{expires}\n")
-    return 0
-
-
-def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
-    holders = diag.who_holds(args.port, kind="udp" if args.udp else "tcp")
-    if args.json:
-        _dump(holders.to_dict(), out)
-    else:
-        out.write(str(holders) + "\n")
-    return 0
-
-
-def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
-    explanation = explain(args.port, args.host, kind="udp" if args.udp else "tcp")
-    if args.json:
-        _dump(explanation.to_dict(), out)
-    else:
-        out.write(str(explanation) + "\n")
-    return 0
-
-
-_COMMANDS = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "doctor": _cmd_doctor,
-    "sysctl": _cmd_sysctl,
-    "tune": _cmd_tune,
+    "summary": _cmd_summary,
     "sockets": _cmd_sockets,
     "who": _cmd_who,
     "explain": _cmd_explain,
+    "wait": _cmd_wait,
+    "sysctl": _cmd_sysctl,
+    "tune": _cmd_tune,
 }
 
 
@@ -205,7 +466,7 @@ def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
-        parser.print_usage(err)
+        exc.parser.print_usage(err)  # the subcommand's own usage
         err.write(f"{exc}\n")
         return 2
     except SystemExit as exc:  # --help
