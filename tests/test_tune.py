@@ -142,5 +142,11 @@ def test_cli_apply_prints_before_and_after(netns: NetNS, empty_root: Path) -> No
     netns.write_sysctl("net.ipv4.tcp_timestamps", "0")
     out = io.StringIO()
     assert main(["tune", "--apply", "--root", str(empty_root)], out=out, err=io.StringIO()) == 0
-    assert "net.ipv4.tcp_timestamps: 0 -> 1" in out.getvalue()
+    assert "changed net.ipv4.tcp_timestamps from 0 to 1" in out.getvalue()
     assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "1"
+    out = io.StringIO()  # applied: the plan is now empty, and says so
+    assert main(["tune", "--apply", "--root", str(empty_root)], out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == "nothing to change: the running values are fine\n"
+    out = io.StringIO()
+    assert main(["tune", "--root", str(empty_root)], out=out, err=io.StringIO()) == 0
+    assert "nothing to change" in out.getvalue()
