@@ -69,6 +69,6 @@ def test_notebook_renderings_escape_hostile_text(netns: NetNS) -> None:
     pages = [Holders(1, "tcp", (holder,), 0, evil)._repr_html_(), report._repr_html_(), summary._repr_html_()]
     for page in pages:
         assert "<img" not in page
-        assert "<table>" in page
+        assert "<table " in page
     assert "&lt;img" in pages[0]
     assert "&lt;img" in pages[1]

@@ -255,7 +255,7 @@ def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
     if args.listening:
         states.append("CLOSE" if args.udp else "LISTEN")
     entries = diag.sockets(kind, states=states or None, port=args.sport, **_ns(args))
-    entries = [e for e in entries if _matches(e, args)]
+    entries = diag.SocketList(e for e in entries if _matches(e, args))
     if args.count:
         out.write(f"{len(entries)}\n")
         return 0

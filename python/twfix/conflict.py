@@ -139,13 +139,8 @@ class Explanation:
         ok = self.can_bind or self.can_bind_with_reuse
         rows = [(("reason", SEVERITY_COLOURS["info"]), r) for r in self.reasons]
         rows += [(("advice", SEVERITY_COLOURS["ok"]), a) for a in self.advice]
-        caption = self.verdict
         colour = SEVERITY_COLOURS["ok" if ok else "error"]
-        return (
-            table("twfix-explanation", caption, ("", ""), rows)
-            .replace("<p>", f'<p style="color:{colour}"><b>', 1)
-            .replace("</p>", "</b></p>", 1)
-        )
+        return table("twfix-explanation", self.verdict, ("", ""), rows, caption_colour=colour)
 
 
 def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:

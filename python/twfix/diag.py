@@ -17,7 +17,7 @@ from typing import Any, Final, NamedTuple
 
 from twfix import _twfix, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
-from twfix._html import table
+from twfix._html import SEVERITY_COLOURS, Cell, table
 from twfix._text import printable
 from twfix.sysctl import PortRange
 
@@ -29,9 +29,11 @@ __all__ = [
     "PortHolder",
     "Process",
     "SocketEntry",
+    "SocketList",
     "SocketSummary",
     "TableSnapshot",
     "TcpState",
+    "UsageList",
     "ephemeral_usage",
     "format_endpoint",
     "holders_of",
@@ -129,6 +131,27 @@ class SocketEntry(NamedTuple):
         }
 
 
+class SocketList(list[SocketEntry]):
+    """The result of :func:`sockets`: a list, with ``to_records()`` (pandas-ready) and an HTML table."""
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self]
+
+    def _repr_html_(self) -> str:
+        rows = (
+            (
+                str(e.state),
+                str(e.laddr),
+                str(e.raddr) if e.raddr else "",
+                str(e.uid),
+                f"{e.expires:.1f} s" if e.expires is not None else "",
+            )
+            for e in self
+        )
+        headers = ("state", "local", "peer", "uid", "timer")
+        return table("twfix-sockets", f"{len(self)} sockets", headers, rows, total=len(self))
+
+
 _KINDS: Final = {
     "tcp": ("tcp", None),
     "tcp4": ("tcp", socket.AF_INET),
@@ -173,7 +196,7 @@ def sockets(
     source: str = "auto",
     netns: str | os.PathLike[str] | None = None,
     pid: int | None = None,
-) -> list[SocketEntry]:
+) -> SocketList:
     """The sockets of ``kind`` ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"), like psutil.net_connections.
 
     Args:
@@ -186,7 +209,7 @@ def sockets(
     proto, family = _kind(kind)
     mask = _state_mask(states)
     want = None if port is None else check_port(port)
-    return _dump(proto, family, mask, want, source, namespace_path(netns, pid))
+    return SocketList(_dump(proto, family, mask, want, source, namespace_path(netns, pid)))
 
 
 def _dump(
@@ -229,6 +252,13 @@ class SocketSummary:
             "time_wait_server_side": self.time_wait_server_side,
             "exact": self.exact,
         }
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One record per state: count and top local ports (pandas-ready)."""
+        return [
+            {"state": str(s), "count": n, "top_local_ports": self.top_local_ports.get(s, [])}
+            for s, n in sorted(self.by_state.items(), key=lambda kv: -kv[1])
+        ]
 
     def __str__(self) -> str:
         lines = [f"{self.total} {self.kind} sockets"]
@@ -274,6 +304,25 @@ class EphemeralUsage(NamedTuple):
     headroom: int
 
 
+class UsageList(list[EphemeralUsage]):
+    """The result of :func:`ephemeral_usage`: a list, with ``to_records()`` and an HTML table."""
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [u._asdict() for u in self]
+
+    def _repr_html_(self) -> str:
+        def cell(u: EphemeralUsage) -> Cell:
+            level = "error" if u.headroom <= 0 else "warning" if u.headroom <= 0.1 * u.capacity else "ok"
+            return (str(u.headroom), SEVERITY_COLOURS[level])
+
+        rows = (
+            (u.local_ip, format_endpoint(u.remote_ip, u.remote_port), str(u.in_use), str(u.time_wait), cell(u))
+            for u in self
+        )
+        headers = ("local", "destination", "in use", "TIME-WAIT", "headroom")
+        return table("twfix-usage", f"ephemeral ports per destination ({len(self)})", headers, rows, total=len(self))
+
+
 @dataclass(frozen=True)
 class TableSnapshot:
     """One walk of the socket table, aggregated natively: what ``summary()``, ``ephemeral_usage()`` and
@@ -283,6 +332,16 @@ class TableSnapshot:
     listeners: tuple[Listener, ...]
     usage: tuple[EphemeralUsage, ...]
     ports: PortRange | None = None
+
+    def _repr_html_(self) -> str:
+        listeners = table(
+            "twfix-listeners",
+            f"{len(self.listeners)} listeners",
+            ("local", "uid", "v6only"),
+            ((str(s.laddr), str(s.uid), "" if s.v6only is None else str(s.v6only)) for s in self.listeners),
+            total=len(self.listeners),
+        )
+        return self.summary._repr_html_() + listeners + UsageList(self.usage)._repr_html_()
 
 
 def snapshot(
@@ -351,11 +410,11 @@ def summary(
     return snapshot(kind, top=top, source=source, netns=netns, pid=pid).summary
 
 
-def ephemeral_usage(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> list[EphemeralUsage]:
+def ephemeral_usage(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> UsageList:
     """Per destination (local ip, remote ip, remote port): ephemeral ports in use and in TIME-WAIT,
     against the usable range (ip_local_port_range minus ip_local_reserved_ports), busiest first."""
     ns = namespace_path(netns, pid)
-    return list(snapshot("tcp", top=0, ports=sysctl.port_range(netns=ns), netns=ns).usage)
+    return UsageList(snapshot("tcp", top=0, ports=sysctl.port_range(netns=ns), netns=ns).usage)
 
 
 class Process(NamedTuple):
@@ -415,6 +474,12 @@ class Holders:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {**h._asdict(), "state": str(h.state), "processes": [p._asdict() for p in h.processes]}
+            for h in self.holders
+        ]
+
     def _repr_html_(self) -> str:
         rows = [
             (
@@ -427,8 +492,11 @@ class Holders:
             )
             for h in self.holders
         ]
+        # Processes first, then kernel-owned sockets: a busy port has thousands of TIME-WAITs.
+        rows.sort(key=lambda r: r[3] == "")
         caption = f"{self.kind} port {self.port}" + (f" ({self.note})" if self.note else "")
-        return table("twfix-holders", caption, ("state", "local", "remote", "pid", "program", "command"), rows)
+        headers = ("state", "local", "remote", "pid", "program", "command")
+        return table("twfix-holders", caption, headers, rows, total=len(rows))
 
     def __str__(self) -> str:
         if not self.holders:

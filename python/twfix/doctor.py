@@ -141,6 +141,9 @@ class Report:
     def __str__(self) -> str:
         return self.render()
 
+    def to_records(self) -> list[dict[str, Any]]:
+        return [f.to_dict() for f in self.findings]
+
     def _repr_html_(self) -> str:
         rows = [
             (
@@ -153,7 +156,9 @@ class Report:
             for f in self.findings
         ]
         caption = f"twfix doctor: kernel {self.kernel or 'unknown'}, " + ("ok" if self.ok else f"worst: {self.worst}")
-        return table("twfix-report", caption, ("severity", "code", "finding", "evidence", "advice"), rows)
+        headers = ("severity", "code", "finding", "evidence", "advice")
+        colour = SEVERITY_COLOURS[str(self.worst)]
+        return table("twfix-report", caption, headers, rows, total=len(rows), caption_colour=colour)
 
 
 def _short(value: object) -> str:

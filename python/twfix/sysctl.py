@@ -294,6 +294,9 @@ class SysctlTable(Mapping[str, Sysctl]):
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=list)
 
+    def to_records(self) -> list[dict[str, Any]]:
+        return [row.to_dict() for row in self._rows.values()]
+
     def __str__(self) -> str:
         lines = []
         for r in self._rows.values():
