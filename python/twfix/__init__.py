@@ -13,7 +13,9 @@ if not _sys.platform.startswith("linux"):  # pragma: no cover - CI is Linux; the
         f"twfix supports Linux only (it reads sock_diag, /proc/net and /proc/sys); this is {_sys.platform}"
     )
 
-from twfix import sysctl, tune
+from typing import Any
+
+from twfix import _ipython, sysctl, tune
 from twfix._twfix import __version__
 from twfix.conflict import Explanation, explain
 from twfix.diag import (
@@ -32,6 +34,7 @@ from twfix.diag import (
 from twfix.doctor import Finding, Report, Severity, doctor
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_tcp_servers, reusable_udp
+from twfix.watch import Watch, watch
 
 __all__ = [
     "Addr",
@@ -48,6 +51,7 @@ __all__ = [
     "TcpState",
     "TwfixError",
     "UnsupportedPlatformError",
+    "Watch",
     "__version__",
     "doctor",
     "ephemeral_usage",
@@ -61,5 +65,11 @@ __all__ = [
     "summary",
     "sysctl",
     "tune",
+    "watch",
     "who_holds",
 ]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext twfix``: registers the ``%twfix`` line magic (``%twfix doctor``, ``%twfix explain 8080``)."""
+    _ipython.load(ipython)

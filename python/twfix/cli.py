@@ -8,7 +8,7 @@ error (with that subcommand's usage on stderr); otherwise
 * ``wait``: 0 once a bind would succeed, 1 on timeout;
 * ``who``: 0 when something holds the port, 1 when nothing does (as ``lsof`` and ``fuser``);
 * ``sysctl``: 0, or 1 when a named knob does not exist on this kernel;
-* ``summary``, ``sockets``, ``tune``: 0;
+* ``summary``, ``sockets``, ``watch``, ``tune``: 0;
 * any command: 1 when the kernel or a file refused what it needed (the reason on stderr), 130 on Ctrl-C.
 
 Errors go to stderr as one line, never a traceback. Colour only on a terminal, never with ``NO_COLOR``.
@@ -37,6 +37,7 @@ from twfix.conflict import Explanation, explain
 from twfix.diag import SocketEntry, TcpState
 from twfix.doctor import Severity, doctor
 from twfix.errors import TwfixError
+from twfix.watch import watch
 
 
 class _UsageError(Exception):
@@ -125,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
                 help="a bind with SO_REUSEADDR (SO_REUSEPORT for UDP) is enough, as twfix.reusable_tcp_server does",
             )
         _namespace_options(p)
+
+    p = sub.add_parser("watch", help="sample counts per state, the TIME-WAIT rate and top ports over time")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples (1)")
+    p.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds to watch (60)")
+    p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    p.add_argument("--json", action="store_true", help="the samples as JSON records at the end")
+    _namespace_options(p)
 
     p = sub.add_parser("sysctl", help="the kernel knobs that matter, with explanations")
     p.add_argument(
@@ -361,6 +369,19 @@ def _cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
         time.sleep(min(0.5, left, max(0.05, why.frees_in or 0.5)))
 
 
+def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    result = watch(args.interval, args.duration, kind="udp" if args.udp else "tcp", progress=False, **_ns(args))
+    if args.json:
+        _dump(result.to_records(), out)
+        return 0
+    rates = result.time_wait_rate()
+    for sample, rate in zip(result.samples, rates, strict=True):
+        counts = ", ".join(f"{k} {v}" for k, v in sample.by_state.items()) or "no sockets"
+        out.write(f"{sample.at:7.1f} s  {counts}  (TIME-WAIT {rate:+.1f}/s)\n")
+    out.write(str(result) + "\n")
+    return 0
+
+
 def _resolve_knob(name: str) -> str:
     """A full name, or the catalogue knob a short name (``tcp_fin_timeout``) stands for."""
     if "." in name or "/" in name:
@@ -419,6 +440,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "who": _cmd_who,
     "explain": _cmd_explain,
     "wait": _cmd_wait,
+    "watch": _cmd_watch,
     "sysctl": _cmd_sysctl,
     "tune": _cmd_tune,
 }
