@@ -8,7 +8,7 @@ error (with that subcommand's usage on stderr); otherwise
 * ``wait``: 0 once a bind would succeed, 1 on timeout;
 * ``who``: 0 when something holds the port, 1 when nothing does (as ``lsof`` and ``fuser``);
 * ``sysctl``: 0, or 1 when a named knob does not exist on this kernel;
-* ``summary``, ``sockets``, ``watch``, ``tune``: 0;
+* ``summary``, ``sockets``, ``watch``, ``tune``, ``metrics``: 0;
 * any command: 1 when the kernel or a file refused what it needed (the reason on stderr), 130 on Ctrl-C.
 
 Errors go to stderr as one line, never a traceback. Colour only on a terminal, never with ``NO_COLOR``.
@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import twfix
-from twfix import diag, sysctl, tune
+from twfix import diag, netns, sysctl, tune
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
 from twfix.diag import SocketEntry, TcpState
-from twfix.doctor import Severity, doctor
+from twfix.doctor import Severity, doctor, namespace_findings
 from twfix.errors import TwfixError
 from twfix.watch import watch
 
@@ -49,6 +49,17 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         raise _UsageError(self, message)
+
+
+def _all_netns_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all-netns", action="store_true", help="every network namespace of the host (root)")
+    p.add_argument(
+        "--detail",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --all-netns: the N busiest namespaces get a full report (3); the rest, counters",
+    )
 
 
 def _namespace_options(p: argparse.ArgumentParser) -> None:
@@ -71,12 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 when a finding reaches this severity (default: warning)",
     )
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    _all_netns_options(p)
     _namespace_options(p)
 
     p = sub.add_parser("summary", help="counts by state, top ports and peers, TIME-WAIT ages (like ss -s)")
     p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
     p.add_argument("--top", type=int, default=5, metavar="N", help="ports and peers shown per state (default 5)")
     p.add_argument("--json", action="store_true")
+    _all_netns_options(p)
     _namespace_options(p)
 
     p = sub.add_parser("sockets", help="list sockets (like ss), with filters")
@@ -133,6 +146,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
     p.add_argument("--json", action="store_true", help="the samples as JSON records at the end")
     _namespace_options(p)
+
+    p = sub.add_parser("metrics", help="Prometheus metrics for this namespace, or every one on the host")
+    p.add_argument("--all-netns", action="store_true", help="every network namespace of the host (root)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="ports and destinations per namespace (10)")
+    p.add_argument(
+        "--detail",
+        type=int,
+        default=1,
+        metavar="N",
+        help="namespaces (busiest by TIME-WAIT) that get a full table walk (1); the rest get counters",
+    )
+    p.add_argument("--budget", type=float, default=10.0, metavar="S", help="seconds a collection may take (10)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--textfile", metavar="PATH", help="write atomically for node_exporter's textfile collector")
+    out.add_argument("--serve", metavar="[HOST:]PORT", help="serve /metrics (HOST defaults to 127.0.0.1)")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 
     p = sub.add_parser("sysctl", help="the kernel knobs that matter, with explanations")
     p.add_argument(
@@ -201,7 +230,48 @@ def _ns(args: argparse.Namespace) -> dict[str, Any]:
     return {"netns": getattr(args, "netns", None), "pid": getattr(args, "pid", None)}
 
 
+def _busiest(detail: int) -> list[tuple[netns.NetNamespace, netns.TcpCounters]]:
+    """Every namespace with its counters, busiest first (``--all-netns``); ``detail`` must be >= 0."""
+    if detail < 0:
+        raise ValueError(f"--detail must be >= 0, got {detail}")
+    counted = []
+    for ns in netns.namespaces():
+        with contextlib.suppress(OSError):
+            counted.append((ns, netns.counters(ns)))
+    return sorted(counted, key=lambda pair: -(pair[1].time_wait + pair[1].inuse))
+
+
+def _namespace_table(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]], out: TextIO) -> None:
+    rows = [["Namespace", "Process", "TCP in use", "TIME-WAIT", ""]]
+    for ns, c in counted:
+        who = f"{ns.pids[0]}/{printable(ns.program)}" if ns.pids else ""
+        rows.append([printable(ns.label), who, str(c.inuse), str(c.time_wait), ns.container[:12]])
+    _table(rows, out)
+
+
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    if args.all_netns:
+        counted = _busiest(args.detail)
+        child = sysctl.read(["net.ipv4.tcp_child_ehash_entries"])["net.ipv4.tcp_child_ehash_entries"].value
+        host_findings = namespace_findings(counted, child if isinstance(child, int) else None)
+        reports = [(ns, doctor(root=args.root, netns=ns.path)) for ns, _c in counted[: args.detail]]
+        if args.json:
+            _dump(
+                {
+                    "namespaces": [{"netns": ns.inode, "name": ns.name, **r.to_dict()} for ns, r in reports],
+                    "host": [f.to_dict() for f in host_findings],
+                },
+                out,
+            )
+        else:
+            _namespace_table(counted, out)
+            for finding in host_findings:
+                _write(out, f"[ info] {finding.code} {finding.title}\n        advice: {finding.advice}")
+            for ns, r in reports:
+                out.write(f"\n== {printable(ns.label)}\n")
+                _write(out, r.render(colour=_colour(out)))
+        worst = [r for _ns, r in reports if r.reaches(Severity(args.fail_on))]
+        return 1 if worst else 0
     report = doctor(root=args.root, **_ns(args))
     if args.json:
         _dump(report.to_dict(), out)
@@ -211,17 +281,44 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
+    if args.all_netns:
+        counted = _busiest(args.detail)
+        if args.json:
+            rows = []
+            for i, (ns, c) in enumerate(counted):
+                row: dict[str, Any] = {
+                    "netns": ns.inode,
+                    "name": ns.name,
+                    "pids": list(ns.pids),
+                    "tcp_inuse": c.inuse,
+                    "time_wait": c.time_wait,
+                }
+                if i < args.detail:
+                    row["summary"] = diag.summary("udp" if args.udp else "tcp", top=args.top, netns=ns.path).to_dict()
+                rows.append(row)
+            _dump(rows, out)
+            return 0
+        _namespace_table(counted, out)
+        for ns, _c in counted[: args.detail]:
+            out.write(f"\n== {printable(ns.label)}\n")
+            _print_summary(diag.summary("udp" if args.udp else "tcp", top=args.top, netns=ns.path), args.top, out)
+        return 0
     s = diag.summary("udp" if args.udp else "tcp", top=args.top, **_ns(args))
     if args.json:
         _dump(s.to_dict(), out)
         return 0
+    _print_summary(s, args.top, out)
+    return 0
+
+
+def _print_summary(s: diag.SocketSummary, top: int, out: TextIO) -> None:
     lines = [f"{s.total} {s.kind.upper()} sockets" + ("" if s.exact else " (the table changed during the dump)")]
     width = max((len(str(state)) for state in s.by_state), default=5)
     for state, n in sorted(s.by_state.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {state!s:<{width}}  {n:>9}")
     for state, ports in sorted(s.top_local_ports.items(), key=lambda kv: -s.by_state.get(kv[0], 0)):
-        shown = ", ".join(f"{p} ({c})" for p, c in ports[: args.top])
-        peers = ", ".join(f"{a} ({c})" for a, c in s.top_remote.get(state, [])[: args.top])
+        shown = ", ".join(f"{p} ({c})" for p, c in ports[:top])
+        peers = ", ".join(f"{a} ({c})" for a, c in s.top_remote.get(state, [])[:top])
         lines.append(f"{state}:")
         lines.append(f"  top local ports: {shown}")
         if peers:
@@ -236,7 +333,6 @@ def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
             f"{tw - server} client-side (clients here closed first)"
         )
     _write(out, "\n".join(lines))
-    return 0
 
 
 def _matches(e: SocketEntry, args: argparse.Namespace) -> bool:
@@ -382,6 +478,35 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        from twfix import metrics  # the optional extra: twfix[metrics]
+    except ImportError as exc:
+        raise TwfixError("twfix metrics needs prometheus_client: pip install 'twfix[metrics]'") from exc
+    options: dict[str, Any] = {
+        "all_netns": args.all_netns,
+        "top": args.top,
+        "detail": args.detail,
+        "budget": args.budget,
+        "root": args.root,
+    }
+    if args.textfile is not None:
+        metrics.write_textfile(args.textfile, **options)
+        return 0
+    if args.serve is not None:
+        host, _, port = args.serve.rpartition(":")
+        server = metrics.serve(host.strip("[]") or "127.0.0.1", _port_arg(port), **options)
+        out.write(f"serving /metrics on {args.serve if host else '127.0.0.1:' + port}\n")
+        out.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            server.shutdown()  # type: ignore[attr-defined]
+    out.write(metrics.exposition(**options))
+    return 0
+
+
 def _resolve_knob(name: str) -> str:
     """A full name, or the catalogue knob a short name (``tcp_fin_timeout``) stands for."""
     if "." in name or "/" in name:
@@ -441,6 +566,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "explain": _cmd_explain,
     "wait": _cmd_wait,
     "watch": _cmd_watch,
+    "metrics": _cmd_metrics,
     "sysctl": _cmd_sysctl,
     "tune": _cmd_tune,
 }

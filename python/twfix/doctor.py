@@ -26,7 +26,7 @@ from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
 from twfix.sysctl import PortRange
 
-__all__ = ["Change", "Finding", "Report", "Severity", "doctor"]
+__all__ = ["Change", "Finding", "Report", "Severity", "doctor", "namespace_findings"]
 
 
 class Severity(enum.StrEnum):
@@ -173,11 +173,11 @@ class _Host:
     """What the rules read, gathered once per run: the catalogue of sysctls in one pass, and one walk
     of the socket table (aggregated natively) shared by every rule."""
 
-    def __init__(self, root: Path, ns: str | None = None) -> None:
+    def __init__(self, root: Path, ns: str | None = None, table: diag.TableSnapshot | None = None) -> None:
         self.root = root
         self.ns = ns
         self.knobs = sysctl.read(netns=ns)
-        self._table: diag.TableSnapshot | None = None
+        self._table = table
         self._tcpext: dict[str, int] | None = None
         self._proc_net: dict[str, str | None] | None = None
 
@@ -692,6 +692,37 @@ def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
         )
 
 
+# ---------------------------------------------------------------------------------------------- namespaces
+
+_BUSY_NAMESPACE: Final = 1000  # sockets in use or in TIME-WAIT that make a namespace "busy"
+
+
+def namespace_findings(counted: list[tuple[Any, Any]], child_ehash: int | None) -> list[Finding]:
+    """Findings about the host's namespaces as a whole, from their O(1) counters ((namespace, TcpCounters)
+    pairs) and ``net.ipv4.tcp_child_ehash_entries`` of the initial namespace."""
+    busy = [(ns, c) for ns, c in counted if c.inuse + c.time_wait >= _BUSY_NAMESPACE]
+    if len(busy) < 2 or child_ehash != 0:
+        return []
+    total = sum(c.inuse + c.time_wait for _ns, c in busy)
+    return [
+        Finding(
+            "NETNS-SHARED-EHASH",
+            Severity.INFO,
+            f"{len(busy)} busy network namespaces ({total} sockets) share the host's one established hash",
+            {
+                "busy_namespaces": [
+                    {"netns": ns.inode, "name": ns.name, "sockets": c.inuse, "time_wait": c.time_wait} for ns, c in busy
+                ],
+                "tcp_child_ehash_entries": child_ehash,
+            },
+            "set net.ipv4.tcp_child_ehash_entries (Linux 6.1+) before creating the containers' namespaces, "
+            "so each gets its own hash: lookups, and every diagnostic dump, then stay within the namespace",
+            "every namespace's lookups and sock_diag dumps walk the one shared hash, so one namespace's TIME-WAIT "
+            "slows the others' dumps (measured: 17 ms in an empty namespace next to 200,000 TIME-WAIT, 1.2 ms alone)",
+        )
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -700,6 +731,7 @@ def doctor(
     root: str | os.PathLike[str] = "/",
     netns: str | os.PathLike[str] | None = None,
     pid: int | None = None,
+    table: diag.TableSnapshot | None = None,
 ) -> Report:
     """Check this host's (this network namespace's) TIME-WAIT and port situation.
 
@@ -708,6 +740,8 @@ def doctor(
             folklore (tests pass a temporary tree).
         netns, pid: check another network namespace (a container's) instead: its sysctls, socket table
             and counters. The configuration files are still those under ``root``.
+        table: a snapshot of that namespace's TCP table already taken (``diag.snapshot(ports=...)``), used
+            instead of walking the table again (the metrics exporter shares one walk this way).
     """
     ns = namespace_path(netns, pid)
     root_path = Path(os.fspath(root))
@@ -718,7 +752,7 @@ def doctor(
     if not is_dir:
         raise ValueError(f"root {str(root_path)!r} is not a directory")
     kernel = platform.release()
-    host = _Host(root_path, ns)
+    host = _Host(root_path, ns, table)
     findings: list[Finding] = []
     for rule in _RULES:
         try:

@@ -8,12 +8,13 @@ never move: the native layer reads from a short-lived thread that joins the name
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
 from twfix import _twfix
 
-__all__ = ["NetNamespace", "current_inode", "namespaces", "port_listeners"]
+__all__ = ["NetNamespace", "TcpCounters", "counters", "current", "current_inode", "namespaces", "port_listeners"]
 
 # Processes remembered per namespace: enough to name it, bounded on hosts with thousands of processes.
 _PIDS_KEPT: Final = 3
@@ -32,6 +33,66 @@ class NetNamespace:
     @property
     def label(self) -> str:
         return f"{self.name} (net:[{self.inode}])" if self.name else f"net:[{self.inode}]"
+
+    @property
+    def program(self) -> str:
+        """The name of a representative process in the namespace ("" when none or not readable)."""
+        if not self.pids:
+            return ""
+        try:
+            with open(f"/proc/{self.pids[0]}/comm", "rb") as f:
+                return f.read(64).decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    @property
+    def container(self) -> str:
+        """The container id in the representative process's cgroup path (64 hex digits), or ""."""
+        if not self.pids:
+            return ""
+        try:
+            with open(f"/proc/{self.pids[0]}/cgroup", "rb") as f:
+                text = f.read(1 << 16).decode(errors="replace")
+        except OSError:
+            return ""
+        found = _CONTAINER_ID.search(text)
+        return found.group(1) if found else ""
+
+
+_CONTAINER_ID: Final = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$", re.M)
+
+
+@dataclass(frozen=True)
+class TcpCounters:
+    """The TCP line of a namespace's /proc/net/sockstat: O(1) to read, whatever the table's size."""
+
+    inuse: int
+    orphan: int
+    time_wait: int
+    alloc: int
+
+
+def counters(ns: NetNamespace | None = None) -> TcpCounters:
+    """The sockstat counters of ``ns`` (None: the caller's namespace), read from a thread inside it."""
+    own = ns is None or ns.inode == current_inode()  # no thread needed to read the caller's own
+    (text,) = _twfix.read_proc_net(["sockstat"], None if own or ns is None else ns.path)
+    values = dict.fromkeys(("inuse", "orphan", "tw", "alloc"), 0)
+    for line in (text or "").splitlines():
+        if line.startswith("TCP:"):
+            words = line.split()[1:]
+            for key, value in zip(words[::2], words[1::2], strict=False):
+                if key in values and value.isascii() and value.isdigit():
+                    values[key] = int(value)
+    return TcpCounters(values["inuse"], values["orphan"], values["tw"], values["alloc"])
+
+
+def current() -> NetNamespace:
+    """The caller's own namespace, described like the others."""
+    own = current_inode()
+    for ns in namespaces():
+        if ns.inode == own:
+            return ns
+    return NetNamespace(own, "/proc/thread-self/ns/net", None, (os.getpid(),))
 
 
 def current_inode() -> int:
