@@ -309,3 +309,28 @@ def test_conventions(netns: NetNS) -> None:
     code, _, err = run("who", "70000")
     assert code == 2
     assert "0..65535" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["doctor", "--fail-on", "error"], 0),
+        (["summary"], 0),
+        (["sockets", "--count"], 0),
+        (["who", "1"], 1),
+        (["explain", "1", "--host", "127.0.0.1"], 0),
+        (["wait", "1", "--host", "127.0.0.1", "--timeout", "1"], 0),
+        (["watch", "--interval", "0.1", "--duration", "0.1"], 0),
+        (["metrics"], 0),
+        (["sysctl", "tcp_fin_timeout"], 0),
+        (["tune"], 0),
+        (["-V"], 0),
+    ],
+)
+def test_each_command_in_a_subprocess(netns: NetNS, argv: list[str], status: int) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twfix", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -333,3 +333,17 @@ def test_server_side_time_wait_is_not_outgoing_traffic(netns: NetNS, empty_root:
     with server:
         time_wait_pairs(server, 1000, server_closes=True)
         assert "TW-REUSE-LOOPBACK-ONLY" not in _codes(twfix.doctor(root=empty_root))
+
+
+def test_busy_namespaces_sharing_the_hash_are_explained() -> None:
+    from twfix.doctor import namespace_findings
+    from twfix.netns import NetNamespace, TcpCounters
+
+    a, b, quiet = (NetNamespace(i, f"/run/netns/n{i}", f"n{i}") for i in (1, 2, 3))
+    counted = [(a, TcpCounters(10, 0, 5000, 10)), (b, TcpCounters(2000, 0, 0, 2000)), (quiet, TcpCounters(1, 0, 0, 1))]
+    (finding,) = namespace_findings(counted, child_ehash=0)
+    assert finding.code == "NETNS-SHARED-EHASH"
+    assert [n["name"] for n in finding.evidence["busy_namespaces"]] == ["n1", "n2"]
+    assert "tcp_child_ehash_entries" in finding.advice
+    assert namespace_findings(counted, child_ehash=4096) == []  # per-namespace hashes already
+    assert namespace_findings(counted[:1], child_ehash=0) == []  # one busy namespace shares with nobody

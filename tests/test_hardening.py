@@ -208,7 +208,7 @@ def test_apply_is_all_or_nothing(netns: NetNS, tmp_path: Path, monkeypatch: pyte
     (root / "etc").mkdir(parents=True)
     p = tune.plan(root=root)
     assert len(p.changes) >= 2
-    real = sysctl._write
+    real = tune._set
     calls = []
 
     def second_fails(name: str, value: object) -> object:
@@ -217,7 +217,7 @@ def test_apply_is_all_or_nothing(netns: NetNS, tmp_path: Path, monkeypatch: pyte
             raise PermissionError(13, "simulated failure")
         return real(name, value)
 
-    monkeypatch.setattr(sysctl, "_write", second_fails)
+    monkeypatch.setattr(tune, "_set", second_fails)
     with pytest.raises(TwfixError, match="set back"):
         tune.apply(p)
     assert netns.read_sysctl("net.ipv4.tcp_timestamps") == "0"

@@ -220,6 +220,45 @@ def test_killed_server_leaves_orphans(netns: NetNS) -> None:
             c.close()
 
 
+STUCK_SERVER = """
+import socket, sys, time, twfix
+srv = twfix.reusable_tcp_server(0, "127.0.0.1")
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setblocking(False)
+try:
+    while True:
+        conn.send(b"x" * 65536)  # the client never reads: its window closes, data stays queued here
+except BlockingIOError:
+    pass
+conn.close()  # the FIN waits behind the queued data: FIN_WAIT1
+print("closed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_killed_server_leaves_fin_wait1_orphans(netns: NetNS) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_SERVER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    client = socket.create_connection(("127.0.0.1", port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        assert proc.stdout.readline().strip() == "closed"
+        proc.kill()
+        proc.communicate(timeout=10)
+        (orphan,) = twfix.sockets(states=["FIN_WAIT1"], port=port)
+        assert orphan.inode == 0
+        why = twfix.explain(port, "127.0.0.1")
+        assert why.cause == "orphans", why
+        assert why.holders[0].state == "FIN_WAIT1"
+        assert any("tcp_orphan_retries" in r for r in why.reasons)
+        assert why.can_bind_with_reuse
+        assert "unknown process" not in str(why)
+    finally:
+        client.close()
+
+
 def test_client_side_time_wait_is_told_apart(netns: NetNS) -> None:
     server = twfix.reusable_tcp_server(8080, "127.0.0.1")  # a service port below the ephemeral range
     with server:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import NetNS, open_fds, run_unprivileged
-from twfix import _twfix, sysctl
+from twfix import _twfix, sysctl, tune
 from twfix.errors import TwfixError
 
 
@@ -158,17 +158,17 @@ def test_validate_and_set(netns: NetNS) -> None:
     ]:
         with pytest.raises(ValueError, match=word):
             sysctl.validate(name, value)
-    assert sysctl._write("net.ipv4.tcp_tw_reuse", 1) == 2
+    assert tune._set("net.ipv4.tcp_tw_reuse", 1) == 2
     assert witness("net.ipv4.tcp_tw_reuse") == "1"
     with pytest.raises(ValueError, match="not one of the knobs"):
-        sysctl._write("kernel.hostname", "evil")
+        tune._set("kernel.hostname", "evil")
 
 
 def test_set_needs_root(netns: NetNS) -> None:
     script = (
-        "from twfix import sysctl\n"
+        "from twfix import tune\n"
         "try:\n"
-        "    sysctl._write('net.ipv4.tcp_tw_reuse', 1)\n"
+        "    tune._set('net.ipv4.tcp_tw_reuse', 1)\n"
         "except PermissionError as e:\n"
         "    print('refused:', e)\n"
     )

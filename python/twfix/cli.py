@@ -175,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--write", metavar="PATH", help="write the snippet to PATH atomically")
     group.add_argument("--apply", action="store_true", help="set the values now (root only)")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    _namespace_options(p)
     return parser
 
 
@@ -536,7 +537,9 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
-    plan = tune.plan(root=args.root)
+    if args.apply and (args.netns or args.pid):
+        raise ValueError("--apply sets knobs in this namespace only; run it inside the other one (nsenter)")
+    plan = tune.plan(root=args.root, **_ns(args))
     if args.write is not None:
         written = tune.write(plan, args.write)
         out.write(

@@ -4,8 +4,8 @@
 knob of the project's reference cheat sheet) with value, kernel default, unit, meaning, what it does
 *not* control, whether it is per network namespace, history and advice. ``netns=`` (a path such as
 ``/run/netns/NAME``) or ``pid=`` reads another network namespace from a short-lived thread, so the
-caller's namespace never changes. Writes happen only through ``twfix tune --apply``
-(:func:`twfix.tune.apply`) and only to catalogue knobs.
+caller's namespace never changes. twfix writes knobs only through ``twfix tune --apply``
+(:func:`twfix.tune.apply`, which checks each value with :func:`validate`) and only catalogue knobs.
 """
 
 from __future__ import annotations
@@ -490,20 +490,6 @@ def validate(name: str, value: object) -> str:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _write(name: str, value: object) -> Value | None:
-    """Set a catalogue knob in the caller's network namespace (root only); returns the previous value.
-
-    Private on purpose: twfix changes kernel settings only through ``twfix tune --apply``
-    (:func:`twfix.tune.apply`).
-    """
-    text = validate(name, value)
-    key = _key(name)
-    if os.geteuid() != 0:
-        raise PermissionError(f"setting {key} needs root")
-    before = _twfix.write_sysctl(name, text)
-    return parse(key, before) if before is not None else None
 
 
 _EHASH: Final = "net.ipv4.tcp_ehash_entries"

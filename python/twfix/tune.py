@@ -52,12 +52,17 @@ class Written:
     backup: Path | None
 
 
-def plan(*, root: str | os.PathLike[str] = "/") -> Plan:
+def plan(
+    *,
+    root: str | os.PathLike[str] = "/",
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+) -> Plan:
     """The recommended changes: the fixes the doctor's findings carry, worst finding first, one change
     per knob, and only changes that change something. Every value is checked against what the running
-    kernel accepts before it is offered."""
+    kernel accepts before it is offered. ``netns``/``pid``: plan for another network namespace."""
     changes: dict[str, Change] = {}
-    for finding in doctor(root=root).findings:
+    for finding in doctor(root=root, netns=netns, pid=pid).findings:
         for change in finding.fixes:
             if change.after != change.before and change.name not in changes:
                 changes[change.name] = change
@@ -190,7 +195,7 @@ def apply(p: Plan) -> list[Change]:
     done: list[Change] = []
     for c in p.changes:
         try:
-            before = sysctl._write(c.name, c.after)
+            before = _set(c.name, c.after)
         except (OSError, ValueError) as exc:
             restored, failed = _roll_back(done)
             detail = f"; set back {', '.join(restored)}" if restored else ""
@@ -201,11 +206,22 @@ def apply(p: Plan) -> list[Change]:
     return done
 
 
+def _set(name: str, value: object) -> object:
+    """Set a catalogue knob in the caller's network namespace (root only); returns the previous value.
+    The one place twfix writes a sysctl: every value goes through :func:`twfix.sysctl.validate` first."""
+    text = sysctl.validate(name, value)
+    if os.geteuid() != 0:
+        raise PermissionError(f"setting {name} needs root")
+    key, _path = _twfix.sysctl_key(name)
+    before = _twfix.write_sysctl(name, text)
+    return sysctl.parse(key, before) if before is not None else None
+
+
 def _roll_back(done: list[Change]) -> tuple[list[str], list[str]]:
     restored, failed = [], []
     for c in reversed(done):
         try:
-            sysctl._write(c.name, c.before)
+            _set(c.name, c.before)
             restored.append(f"{c.name} = {sysctl.render(c.before)}")
         except (OSError, ValueError) as exc:
             failed.append(f"{c.name} ({exc})")
