@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import traceback
+import types
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Final
 
@@ -101,7 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if _flag(config, "ports"):
         # Registered now, after every entry-point plugin: these definitions win over theirs.
-        config.pluginmanager.register(_PortOverrides(), "twfix-port-overrides")
+        config.pluginmanager.register(_port_overrides(), "twfix-port-overrides")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -210,41 +211,30 @@ def twfix_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     yield from _one_port(request, "udp")
 
 
-class _PortOverrides:
-    """pytest-asyncio's and anyio's port fixtures, served race-free (``--twfix-ports``). Each name gets
-    its own port, as with their plugins."""
+def _port_overrides() -> types.ModuleType:
+    """pytest-asyncio's ``unused_*`` and anyio's ``free_*`` port fixtures, served race-free
+    (``--twfix-ports``), with their scopes: each port fixture gets its own port, the factories last the
+    session."""
+    plugin = types.ModuleType("twfix-port-overrides")
 
-    @pytest.fixture
-    def unused_tcp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
-        yield from _one_port(request, "tcp")
+    def port(kind: str) -> Callable[[pytest.FixtureRequest], Iterator[int]]:
+        def fixture(request: pytest.FixtureRequest) -> Iterator[int]:
+            yield from _one_port(request, kind)
 
-    @pytest.fixture
-    def unused_udp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
-        yield from _one_port(request, "udp")
+        return fixture
 
-    @pytest.fixture(scope="session")
-    def unused_tcp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
-        return lambda: twfix_port_factory("tcp")
+    def factory(kind: str) -> Callable[[Callable[..., int]], Callable[[], int]]:
+        def fixture(twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
+            return lambda: twfix_port_factory(kind)
 
-    @pytest.fixture(scope="session")
-    def unused_udp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
-        return lambda: twfix_port_factory("udp")
+        return fixture
 
-    @pytest.fixture
-    def free_tcp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
-        yield from _one_port(request, "tcp")
-
-    @pytest.fixture
-    def free_udp_port(self, request: pytest.FixtureRequest) -> Iterator[int]:
-        yield from _one_port(request, "udp")
-
-    @pytest.fixture(scope="session")
-    def free_tcp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
-        return lambda: twfix_port_factory("tcp")
-
-    @pytest.fixture(scope="session")
-    def free_udp_port_factory(self, twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
-        return lambda: twfix_port_factory("udp")
+    for prefix in ("unused", "free"):
+        for kind in ("tcp", "udp"):
+            name = f"{prefix}_{kind}_port"
+            setattr(plugin, name, pytest.fixture(name=name)(port(kind)))
+            setattr(plugin, f"{name}_factory", pytest.fixture(scope="session", name=f"{name}_factory")(factory(kind)))
+    return plugin
 
 
 # ------------------------------------------------------------------ network namespaces
