@@ -121,35 +121,31 @@ def _pool(config: pytest.Config) -> PortPool:
 # ------------------------------------------------------------------ sockets
 
 
-@pytest.fixture
-def tcp_listener_factory() -> Iterator[Callable[..., BoundSocket]]:
-    """Make listening sockets (``factory(host="127.0.0.1", **reusable_tcp_server_options)``); all are
-    closed after the test. Nothing can take their port: they hold it from the start."""
+def _sockets(constructor: Callable[..., socket.socket]) -> Iterator[Callable[..., BoundSocket]]:
+    """A factory of bound sockets made by ``constructor(0, host, **options)``, all closed afterwards."""
     made: list[socket.socket] = []
 
     def make(host: str = "127.0.0.1", **options: Any) -> BoundSocket:
-        sock = _adopt(twfix.reusable_tcp_server(0, host, **options))
+        sock = _adopt(constructor(0, host, **options))
         made.append(sock)
         return sock
 
     yield make
     for sock in made:
         sock.close()
+
+
+@pytest.fixture
+def tcp_listener_factory() -> Iterator[Callable[..., BoundSocket]]:
+    """Make listening sockets (``factory(host="127.0.0.1", **reusable_tcp_server_options)``); all are
+    closed after the test. Nothing can take their port: they hold it from the start."""
+    yield from _sockets(twfix.reusable_tcp_server)
 
 
 @pytest.fixture
 def udp_socket_factory() -> Iterator[Callable[..., BoundSocket]]:
     """Make bound UDP sockets (``factory(host="127.0.0.1", **reusable_udp_options)``), closed after the test."""
-    made: list[socket.socket] = []
-
-    def make(host: str = "127.0.0.1", **options: Any) -> BoundSocket:
-        sock = _adopt(twfix.reusable_udp(0, host, **options))
-        made.append(sock)
-        return sock
-
-    yield make
-    for sock in made:
-        sock.close()
+    yield from _sockets(twfix.reusable_udp)
 
 
 @pytest.fixture
