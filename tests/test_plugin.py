@@ -17,6 +17,15 @@ from twfix.ports import PortPool
 
 pytest_plugins = ["pytester"]
 
+INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+
+
+@pytest.fixture(autouse=True)
+def _inner_ini(request: pytest.FixtureRequest) -> None:
+    """The inner pytest runs get an ini file, as a real project has (pytest-asyncio warns without one)."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester").makeini(INI)
+
 
 def test_bound_socket_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
@@ -222,7 +231,7 @@ def test_opt_in_override_of_asyncio_and_anyio_fixtures(pytester: pytest.Pytester
     if how == "flag":
         args.append("--twfix-ports")
     if how == "ini":
-        pytester.makeini("[pytest]\ntwfix_ports = true\n")
+        pytester.makeini(INI + "twfix_ports = true\n")
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=3)
     out = result.stdout.str()
