@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,21 +175,33 @@ def test_who_lists_processes_first_and_counts_kernel_sockets(netns: NetNS) -> No
 def test_summary_matches_ss(netns: NetNS) -> None:
     from tests.conftest import time_wait_pairs
 
-    server = twfix.reusable_tcp_server(0, "127.0.0.1")
+    server = twfix.reusable_tcp_server(0, "127.0.0.1", backlog=128)
     client_side = twfix.reusable_tcp_server(0, "127.0.0.1")
+    udp = [twfix.reusable_udp(0, "127.0.0.1") for _ in range(7)]
     with server, client_side:
-        time_wait_pairs(server, 200, server_closes=True)
-        time_wait_pairs(client_side, 100, server_closes=False)
-        code, out, _ = run("summary")
-        assert code == 0
-        tw = ss_count("state", "time-wait")
-        assert tw == 300
-        assert f"TIME_WAIT      {tw:>9}" in out or f"TIME_WAIT  {tw:>9}" in out or f" {tw}" in out
-        assert "200 server-side" in out
-        assert "100 client-side" in out
-        data = json.loads(run("summary", "--json")[1])
-        assert data["by_state"]["TIME_WAIT"] == tw
-        assert data["by_state"]["LISTEN"] == ss_count("state", "listening")
+        time_wait_pairs(server, 2000, server_closes=True)
+        time_wait_pairs(client_side, 1000, server_closes=False)
+        pairs = [socket.create_connection(server.getsockname()) for _ in range(50)]
+        accepted = [server.accept()[0] for _ in pairs]
+        try:
+            code, out, _ = run("summary")
+            assert code == 0
+            data = json.loads(run("summary", "--json")[1])
+            for state, ss_state in (
+                ("TIME_WAIT", "time-wait"),
+                ("ESTABLISHED", "established"),
+                ("LISTEN", "listening"),
+            ):
+                assert data["by_state"][state] == ss_count("state", ss_state), state
+            assert data["by_state"]["TIME_WAIT"] == 3000
+            assert data["time_wait_server_side"] == 2000
+            assert "2000 server-side" in out
+            assert "1000 client-side" in out
+            ss_udp = subprocess.run(["ss", "-uanH"], capture_output=True, text=True, check=True).stdout
+            assert json.loads(run("summary", "--udp", "--json")[1])["total"] == len(ss_udp.splitlines()) == 7
+        finally:
+            for s in pairs + accepted + udp:
+                s.close()
 
 
 def test_sockets_view(netns: NetNS) -> None:
