@@ -251,9 +251,9 @@ BAD = [
     (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
     (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
     (lambda: twfix.summary(top=2**64), None, ""),  # clamped, not an OverflowError
-    (lambda: _twfix.snapshot("icmp", 1, b""), ValueError, "protocol"),
-    (lambda: _twfix.snapshot("tcp", 1, b"", "magic"), ValueError, "source"),
-    (lambda: _twfix.snapshot("tcp", 1, b"xyz"), ValueError, "port set"),
+    (lambda: _twfix.snapshot("icmp", 1, b"", False), ValueError, "protocol"),
+    (lambda: _twfix.snapshot("tcp", 1, b"", False, "magic"), ValueError, "source"),
+    (lambda: _twfix.snapshot("tcp", 1, b"xyz", False), ValueError, "port set"),
     (lambda: _twfix.dump_entries("tcp", 1, 70000, "auto", tuple, tuple, [], []), OverflowError, "int"),
     (lambda: _twfix.dump_entries("tcp", 1, None, "auto", tuple, tuple, [], []), ValueError, "families"),
 ]
@@ -282,3 +282,17 @@ def test_no_descriptor_leaks(netns: NetNS) -> None:
 def test_kernel_cost_baseline_counts_messages(netns: NetNS) -> None:
     with twfix.reusable_tcp_server(0, "127.0.0.1"):
         assert _twfix.netlink_discard("tcp", 1 << 10) == 1
+
+
+def test_time_wait_side_survives_the_listener(netns: NetNS) -> None:
+    """TIME-WAIT on a port outside the ephemeral range is server-side even after its listener is gone:
+    connect() is never given such a port."""
+    from tests.conftest import time_wait_pairs
+
+    with twfix.reusable_tcp_server(8080, "127.0.0.1") as srv:
+        time_wait_pairs(srv, 30, server_closes=True)
+    with twfix.reusable_tcp_server(0, "127.0.0.1") as other:
+        time_wait_pairs(other, 20, server_closes=False)  # clients here closed first: client-side
+    s = twfix.summary()
+    assert s.by_state[TcpState.TIME_WAIT] == 50
+    assert s.time_wait_server_side == 30

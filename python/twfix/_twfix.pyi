@@ -61,7 +61,7 @@ def dump_entries(
     netns: str | None = None,
 ) -> list[Any]: ...
 def snapshot(
-    proto: str, top: int, ephemeral: bytes, source: str = "auto", netns: str | None = None
+    proto: str, top: int, ephemeral: bytes, usage: bool, source: str = "auto", netns: str | None = None
 ) -> tuple[
     int,
     list[tuple[int, int]],

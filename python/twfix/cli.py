@@ -330,7 +330,7 @@ def _print_summary(s: diag.SocketSummary, top: int, out: TextIO) -> None:
         server = s.time_wait_server_side
         lines.append(f"TIME-WAIT seconds left: {ages}")
         lines.append(
-            f"TIME-WAIT by side: {server} server-side (on a listening port: servers here closed first), "
+            f"TIME-WAIT by side: {server} server-side (on a listening or service port: servers here closed first), "
             f"{tw - server} client-side (clients here closed first)"
         )
     _write(out, "\n".join(lines))

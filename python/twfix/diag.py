@@ -227,8 +227,9 @@ def _dump(
 class SocketSummary:
     """Counts gathered while the dump streamed; its size does not depend on the number of sockets.
 
-    ``time_wait_server_side`` counts TIME-WAITs on a listening port (the server closed first); the rest
-    of ``by_state[TIME_WAIT]`` are client-side. ``exact`` is False when the kernel flagged every attempt
+    ``time_wait_server_side`` counts TIME-WAITs on a listening port, or on a port connect() is never given
+    (outside the ephemeral range): the server closed first; the rest of ``by_state[TIME_WAIT]`` are
+    client-side. ``exact`` is False when the kernel flagged every attempt
     at the dump as interrupted (the table changed during the walk).
     """
 
@@ -360,9 +361,17 @@ def snapshot(
     if family is not None:
         raise ValueError(f"a snapshot covers both families; use kind='tcp' or 'udp', not {kind!r}")
     top = check_count(top, "top")
-    port_set = ports.port_set() if ports is not None else b""
+    ns = namespace_path(netns, pid)
+    # The range tells server-side from client-side TIME-WAIT even without usage counts (``ports``).
+    known = ports
+    if known is None:
+        try:
+            known = sysctl.port_range(netns=ns)
+        except (OSError, LookupError, ValueError):
+            known = None
+    port_set = known.port_set() if known is not None else b""
     total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact = _twfix.snapshot(
-        proto, top, port_set, source, namespace_path(netns, pid)
+        proto, top, port_set, ports is not None, source, ns
     )
     by_state = {_BY_NUMBER[s]: n for s, n in counts if s in _BY_NUMBER}
     ports_by_state: dict[TcpState, list[tuple[int, int]]] = {}

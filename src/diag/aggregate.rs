@@ -49,6 +49,7 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 /// ip_local_reserved_ports") lives on the Python side (`twfix.sysctl.PortRange`), in one place.
 #[derive(Clone, Default)]
 pub struct PortSet(Vec<u64>);
+// An empty Vec means "no port"; a set read from bytes keeps its 1,024 words even when all are zero.
 
 pub const PORT_SET_BYTES: usize = 65536 / 8;
 
@@ -78,6 +79,11 @@ impl PortSet {
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|&w| w == 0)
     }
+
+    /// `is_empty` in O(1) for the hot path: a set built from no bytes has no words at all.
+    fn is_empty_cached(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Per-destination use of ephemeral ports: key (family, local ip, remote ip, remote port).
@@ -93,23 +99,27 @@ pub struct Snapshot {
     pub remotes: FastMap<(u8, u8, [u8; 16], u16), u64>,
     /// TIME-WAIT remaining time in 10 s buckets: 0-10, ..., 50-60, >= 60 s.
     pub tw_hist: [u64; 7],
-    /// TIME-WAITs on a listening port: the server closed first.
+    /// TIME-WAITs on a listening port, or on a port connect() is never given (outside the ephemeral
+    /// set): the server closed first.
     pub tw_server_side: u64,
     /// Listening sockets, from a listen-only dump made first (the kernel skips the established hash).
     pub listeners: Vec<Record>,
     listening: PortSet,
-    /// Ports an outgoing connection may have been given (the ephemeral set); empty: no usage counts.
+    /// Ports an outgoing connection may have been given (the ephemeral set); empty when unknown.
     ephemeral: PortSet,
+    /// Whether to count ephemeral use per destination (memory grows with destinations).
+    count_usage: bool,
     pub usage: FastMap<UsageKey, (u64, u64)>,
 }
 
 impl Snapshot {
-    pub fn new(listeners: Vec<Record>, ephemeral: PortSet) -> Self {
+    pub fn new(listeners: Vec<Record>, ephemeral: PortSet, count_usage: bool) -> Self {
         let mut listening = PortSet::default();
         for r in &listeners {
             listening.insert(r.sport);
         }
-        Snapshot { listeners, listening, ephemeral, ..Snapshot::default() }
+        let count_usage = count_usage && !ephemeral.is_empty();
+        Snapshot { listeners, listening, ephemeral, count_usage, ..Snapshot::default() }
     }
 
     pub fn add(&mut self, r: &Record) {
@@ -122,12 +132,14 @@ impl Snapshot {
             *self.remotes.entry((r.state, r.family, r.dst, r.dport)).or_insert(0) += 1;
         }
         let on_listening_port = self.listening.contains(r.sport);
+        let ephemeral = self.ephemeral.contains(r.sport);
         if r.state == TIME_WAIT {
             self.tw_hist[(r.expires_ms / 10_000).min(6) as usize] += 1;
-            self.tw_server_side += u64::from(on_listening_port);
+            let known_range = !self.ephemeral.is_empty_cached();
+            self.tw_server_side += u64::from(on_listening_port || (known_range && !ephemeral));
         }
         // Connections accepted by a listener share its port and consume no ephemeral port.
-        if r.state != LISTEN && r.dport != 0 && !on_listening_port && self.ephemeral.contains(r.sport) {
+        if self.count_usage && r.state != LISTEN && r.dport != 0 && !on_listening_port && ephemeral {
             let e = self.usage.entry((r.family, r.src, r.dst, r.dport)).or_insert((0, 0));
             if r.state == TIME_WAIT {
                 e.1 += 1;
@@ -170,7 +182,7 @@ mod tests {
         let mut ephemeral = PortSet::default();
         ephemeral.insert(9600);
         ephemeral.insert(80);
-        let mut s = Snapshot::new(vec![listener], ephemeral);
+        let mut s = Snapshot::new(vec![listener], ephemeral, true);
         let mut r = decode_diag_msg(&sample_msg()).expect("valid"); // TIME-WAIT 9600 -> 44900
         s.add(&r);
         r.expires_ms = 5_000;

@@ -116,16 +116,18 @@ pub type PySnapshot = (
 /// server-side TIME-WAITs, listeners as (family, ip, port, uid, inode, v6only), ephemeral use per
 /// destination as (family, local, remote, remote port, in use, in TIME-WAIT), exact).
 ///
-/// `ephemeral` is a port set (8,192 bytes, or empty for no usage counts). For TCP, a listen-only dump
+/// `ephemeral` is the port set connect() draws from (8,192 bytes, or empty when unknown); `usage` asks for
+/// the per-destination counts. For TCP, a listen-only dump
 /// comes first: it is cheap (the kernel skips the established hash) and tells server-side TIME-WAIT
 /// and accepted connections apart from outgoing ones.
 #[pyfunction]
-#[pyo3(signature = (proto, top, ephemeral, source="auto", netns=None))]
+#[pyo3(signature = (proto, top, ephemeral, usage, source="auto", netns=None))]
 pub fn snapshot(
     py: Python<'_>,
     proto: &str,
     top: usize,
     ephemeral: &[u8],
+    usage: bool,
     source: &str,
     netns: Option<String>,
 ) -> PyResult<PySnapshot> {
@@ -140,7 +142,7 @@ pub fn snapshot(
                 stream(&q, |r| listeners.push(*r))?;
             }
             let q = Query::new(proto, ALL_STATES, source, Filter::All);
-            collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone()), Snapshot::add)
+            collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone(), usage), Snapshot::add)
         })
     });
     let (s, exact) = snap?;
