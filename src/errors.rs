@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 
 use pyo3::PyErr;
-use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyValueError};
 
 #[derive(Debug)]
 pub enum Error {
@@ -17,8 +17,6 @@ pub enum Error {
     Invalid(String),
     /// Data read from the kernel did not have the expected shape.
     Malformed(String),
-    /// The feature does not exist on this platform.
-    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -40,7 +38,7 @@ impl fmt::Display for Error {
             Error::Os { errno, what } => {
                 write!(f, "{what}: {}", io::Error::from_raw_os_error(*errno))
             }
-            Error::Invalid(msg) | Error::Malformed(msg) | Error::Unsupported(msg) => f.write_str(msg),
+            Error::Invalid(msg) | Error::Malformed(msg) => f.write_str(msg),
         }
     }
 }
@@ -59,7 +57,6 @@ impl From<Error> for PyErr {
             Error::Os { errno, ref what } => PyOSError::new_err((errno, format!("{what}: {}", reason(errno)))),
             Error::Invalid(msg) => PyValueError::new_err(msg),
             Error::Malformed(msg) => PyOSError::new_err((libc::EPROTO, msg)),
-            Error::Unsupported(msg) => PyNotImplementedError::new_err(msg),
         }
     }
 }

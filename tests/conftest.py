@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,33 @@ def netns(twfix_netns: NetworkNamespace) -> NetworkNamespace:
     """The test runs in a fresh, private network namespace with `lo` up (twfix's own pytest fixture,
     which fails instead of skipping when TWFIX_REQUIRE_NETNS is set, as in CI)."""
     return twfix_netns
+
+
+LISTENER_CHILD = (
+    "import socket, sys, time\ns = socket.create_server((sys.argv[1], 0))\n"
+    "print(s.getsockname()[1], flush=True)\ntime.sleep(120)"
+)
+
+
+@contextlib.contextmanager
+def listener_in_named_netns(prefix: str, host: str = "127.0.0.1") -> Iterator[tuple[str, subprocess.Popen[str], int]]:
+    """A named network namespace (`ip netns add`) with loopback up and a child listening on `host` in it:
+    yields (name, child, port); the child and the namespace are gone afterwards."""
+    name = f"{prefix}-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        child = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c", LISTENER_CHILD, host], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout is not None
+            yield name, child, int(child.stdout.readline())
+        finally:
+            child.kill()
+            child.communicate()
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def open_fds() -> int:

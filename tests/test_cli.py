@@ -272,45 +272,22 @@ def test_sysctl_short_names_and_suggestions(netns: NetNS) -> None:
 
 
 def test_namespace_options_read_a_container(netns: NetNS) -> None:
-    name = f"twfix-cli-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        child = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                name,
-                sys.executable,
-                "-c",
-                "import socket,time\ns=socket.create_server(('127.0.0.1', 0))\n"
-                "print(s.getsockname()[1], flush=True)\ntime.sleep(60)",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.stdout is not None
-        port = int(child.stdout.readline())
-        try:
-            assert run("sockets", "-l", "--count")[1].strip() == "0"  # nothing here
-            assert run("sockets", "-l", "--count", "--netns", f"/run/netns/{name}")[1].strip() == "1"
-            assert run("sockets", "-l", "--count", "--pid", str(child.pid))[1].strip() == "1"
-            code, out, _ = run("who", str(port), "--netns", f"/run/netns/{name}")
-            assert code == 0
-            assert f"pid {child.pid}" in out
-            assert run("explain", str(port), "--host", "127.0.0.1", "--pid", str(child.pid))[0] == 1
-            assert run("explain", str(port), "--host", "127.0.0.1")[0] == 0
-            data = json.loads(run("summary", "--json", "--pid", str(child.pid))[1])
-            assert data["by_state"] == {"LISTEN": 1}
-            report = json.loads(run("doctor", "--json", "--pid", str(child.pid), "--fail-on", "error")[1])
-            assert report["schema"] == 1
-            assert run("sysctl", "tcp_tw_reuse", "--netns", f"/run/netns/{name}")[0] == 0
-        finally:
-            child.kill()
-            child.communicate()
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+    from tests.conftest import listener_in_named_netns
+
+    with listener_in_named_netns("twfix-cli") as (name, child, port):
+        assert run("sockets", "-l", "--count")[1].strip() == "0"  # nothing here
+        assert run("sockets", "-l", "--count", "--netns", f"/run/netns/{name}")[1].strip() == "1"
+        assert run("sockets", "-l", "--count", "--pid", str(child.pid))[1].strip() == "1"
+        code, out, _ = run("who", str(port), "--netns", f"/run/netns/{name}")
+        assert code == 0
+        assert f"pid {child.pid}" in out
+        assert run("explain", str(port), "--host", "127.0.0.1", "--pid", str(child.pid))[0] == 1
+        assert run("explain", str(port), "--host", "127.0.0.1")[0] == 0
+        data = json.loads(run("summary", "--json", "--pid", str(child.pid))[1])
+        assert data["by_state"] == {"LISTEN": 1}
+        report = json.loads(run("doctor", "--json", "--pid", str(child.pid), "--fail-on", "error")[1])
+        assert report["schema"] == 1
+        assert run("sysctl", "tcp_tw_reuse", "--netns", f"/run/netns/{name}")[0] == 0
 
 
 def test_conventions(netns: NetNS) -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -31,6 +31,17 @@ def http_get(port: int, *, attempts: int = 50) -> bytes:
         finally:
             conn.close()
     raise AssertionError(f"no HTTP answer on port {port}")
+
+
+@contextlib.contextmanager
+def loop_in_thread(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Run ``loop`` on a thread for the body of the ``with``; stopped (not closed) afterwards."""
+    thread = in_thread(loop.run_forever)
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
 
 
 def in_thread(serve: Callable[[], None]) -> threading.Thread:
@@ -57,12 +68,10 @@ def test_asyncio(netns: NetNS) -> None:
         writer.close()
 
     server = loop.run_until_complete(asyncio.start_server(handle, sock=sock))  # asyncio makes it non-blocking
-    thread = in_thread(loop.run_forever)
     try:
-        assert http_get(port) == b"ok"
+        with loop_in_thread(loop):
+            assert http_get(port) == b"ok"
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
         server.close()
         loop.run_until_complete(server.wait_closed())
         loop.close()
@@ -96,12 +105,10 @@ def test_aiohttp(netns: NetNS) -> None:
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.SockSite(runner, sock).start())
-    thread = in_thread(loop.run_forever)
     try:
-        assert http_get(port) == b"ok"
+        with loop_in_thread(loop):
+            assert http_get(port) == b"ok"
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
         loop.run_until_complete(runner.cleanup())
         loop.close()
         sock.close()

@@ -301,38 +301,18 @@ def test_owner_in_another_pid_namespace(netns: NetNS) -> None:
     assert "ss -tulpn" in out
 
 
-def test_listener_in_another_network_namespace(netns: NetNS, children: list[Child]) -> None:
-    name = f"twfix-test-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        child = Child.__new__(Child)
-        child.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                name,
-                sys.executable,
-                "-c",
-                "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',0))\ns.listen()\n"
-                "print(s.getsockname()[1], flush=True)\ntime.sleep(120)",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.proc.stdout is not None
-        child.line = child.proc.stdout.readline().strip()
-        children.append(child)
-        port = int(child.line)
+def test_listener_in_another_network_namespace(netns: NetNS) -> None:
+    from tests.conftest import listener_in_named_netns
+
+    with listener_in_named_netns("twfix-test", host="0.0.0.0") as (name, child, port):
         why = twfix.explain(port, "0.0.0.0")
         assert why.can_bind
         assert why.cause == "free"
         (other,) = why.elsewhere
         assert name in other.netns
+        assert child.pid in other.pids
         assert other.laddr == ("0.0.0.0", port)
         assert any(name in r for r in why.reasons)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def test_udp_overlap_is_explained_with_udp_rules(netns: NetNS) -> None:

@@ -1,8 +1,7 @@
 """The socket table: ``sockets()``, ``summary()``, ``who_holds()`` and ``ephemeral_usage()``.
 
 Data comes from NETLINK_SOCK_DIAG (what ``ss`` uses), with a /proc/net fallback when netlink is
-refused; aggregation runs in Rust while the dump streams. Linux only: elsewhere the functions raise
-:class:`twfix.UnsupportedPlatformError`.
+refused; aggregation runs in Rust while the dump streams.
 """
 
 from __future__ import annotations

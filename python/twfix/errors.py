@@ -21,7 +21,8 @@ class TwfixError(Exception):
 
 
 class UnsupportedPlatformError(TwfixError, NotImplementedError):
-    """The feature needs Linux (or another platform than the one running)."""
+    """Kept for code written against earlier releases: twfix is Linux-only now, and ``import twfix``
+    elsewhere raises ImportError instead. Nothing in twfix raises it."""
 
 
 class AddressInUseError(OSError, TwfixError):
