@@ -14,18 +14,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from twfix.pytest_plugin import NetworkNamespace
 
+# The `netns` fixture is twfix's own (its pytest plugin): a fresh, private network namespace with `lo` up,
+# failing instead of skipping when TWFIX_REQUIRE_NETNS is set, as in CI.
 NetNS = NetworkNamespace
-
-
-@pytest.fixture
-def netns(twfix_netns: NetworkNamespace) -> NetworkNamespace:
-    """The test runs in a fresh, private network namespace with `lo` up (twfix's own pytest fixture,
-    which fails instead of skipping when TWFIX_REQUIRE_NETNS is set, as in CI)."""
-    return twfix_netns
 
 
 LISTENER_CHILD = (

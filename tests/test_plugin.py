@@ -256,10 +256,10 @@ def test_twfix_netns_fixture(pytester: pytest.Pytester) -> None:
             with socket.create_server(("127.0.0.1", 0)) as s:  # loopback is up
                 socket.create_connection(s.getsockname()).close()
 
-        def test_only_net_knobs(twfix_netns):
+        def test_only_net_knobs(netns):  # the short name
             import pytest
             with pytest.raises(ValueError, match="network knob"):
-                twfix_netns.sysctl("kernel.hostname", "x")
+                netns.sysctl("kernel.hostname", "x")
         """
     )
     pytester.runpytest().assert_outcomes(passed=2)

@@ -9,7 +9,7 @@ Fixtures:
                                       make several (``host="::1"`` for IPv6), all closed after the test
     twfix_tcp_port, twfix_udp_port    a port number reserved for the test (see twfix.ports)
     twfix_port_factory                ``twfix_port_factory("tcp"|"udp")`` -> another reserved port
-    twfix_netns                       the test runs in a fresh network namespace with loopback up
+    twfix_netns (also as netns)       the test runs in a fresh network namespace with loopback up
 
 Options:
     --twfix-ports / ini ``twfix_ports = true``   pytest-asyncio's ``unused_*_port[_factory]`` and anyio's
@@ -298,6 +298,12 @@ def twfix_netns() -> Iterator[NetworkNamespace]:
                 raise OSError(ctypes.get_errno(), "setns back to the test's original network namespace failed")
     finally:
         os.close(original)
+
+
+@pytest.fixture
+def netns(twfix_netns: NetworkNamespace) -> NetworkNamespace:
+    """``twfix_netns`` under its short name (a project's own ``netns`` fixture takes precedence)."""
+    return twfix_netns
 
 
 # ------------------------------------------------------------------ leak guard and conflict reports
