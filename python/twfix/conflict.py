@@ -229,8 +229,8 @@ class _Facts:
     connections: list[Holder] = field(default_factory=list)
     orphans: list[Holder] = field(default_factory=list)
     time_wait: list[SocketEntry] = field(default_factory=list)
+    orphan_entries: list[SocketEntry] = field(default_factory=list)
     note: str | None = None
-    ns: str | None = None
 
     @property
     def where(self) -> str:
@@ -270,6 +270,7 @@ def _analyse(
             return _explain_listener(facts)
     rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
     facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
+    facts.orphan_entries = [e for e in rows if e.inode == 0 and e.state in _ORPHAN_STATES - {TcpState.TIME_WAIT}]
     others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port)
     facts.orphans = [h for h in others if h.orphan]
     facts.listeners = [h for h in others if not h.orphan and (h.state == "LISTEN" or kind == "udp")]
@@ -281,7 +282,6 @@ def _analyse(
         facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
     else:
         facts.reuse = _udp_reuse_by_reading(facts.listeners, reuse_flags)
-    facts.ns = ns
     if plain == 0:
         return _explain_free(facts, elsewhere and ns is None)
     if facts.listeners:
@@ -434,9 +434,7 @@ def _explain_listener(f: _Facts) -> Explanation:
 
 def _explain_orphans(f: _Facts) -> Explanation:
     states = sorted({h.state for h in f.orphans})
-    frees = _seconds(
-        [e for e in port_entries(f.kind, f.port, None, f.ns) if e.inode == 0 and e.state != TcpState.TIME_WAIT]
-    )
+    frees = _seconds(f.orphan_entries)
     reasons = [h.describe() for h in f.orphans]
     reasons.append(
         "orphans are connections of a socket that was closed (or whose process died) while the peer had not "
