@@ -39,16 +39,8 @@ def run(line: str) -> Any:
     if command == "sockets":
         return diag.sockets(states=args or None)
     if command == "sysctl":
-        names = [n if "." in n or "/" in n else _full(n) for n in args]
-        return sysctl.read(names or None)
+        return sysctl.read([sysctl.full_name(n) for n in args] or None)
     raise ValueError(_USAGE)
-
-
-def _full(short: str) -> str:
-    for name in sysctl.read():
-        if name.rsplit(".", 1)[-1] == short:
-            return name
-    return short
 
 
 def load(ipython: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import ipaddress
 import json
@@ -508,21 +507,8 @@ def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _resolve_knob(name: str) -> str:
-    """A full name, or the catalogue knob a short name (``tcp_fin_timeout``) stands for."""
-    if "." in name or "/" in name:
-        return name
-    catalogue = list(sysctl.read())
-    matches = [k for k in catalogue if k.rsplit(".", 1)[-1] == name]
-    if len(matches) == 1:
-        return matches[0]
-    close = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in catalogue], n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; give the full name (net.ipv4.NAME)"
-    raise LookupError(f"unknown knob {name!r}{hint}")
-
-
 def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
-    names = [_resolve_knob(n) for n in args.names] if args.names else None
+    names = [sysctl.full_name(n) for n in args.names] if args.names else None
     table = sysctl.read(names, **_ns(args))
     if args.json:
         _dump(table.to_dict(), out)
@@ -530,8 +516,8 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
         _write(out, str(table))
     missing = [r.name for r in table.values() if not r.available and r.error is None]
     if names is not None and missing:
-        close = difflib.get_close_matches(missing[0], list(sysctl.read().keys()), n=1)
-        hint = f" (did you mean {close[0]}?)" if close and close[0] != missing[0] else ""
+        close = sysctl.close_match(missing[0])
+        hint = f" (did you mean {close}?)" if close else ""
         raise LookupError(f"{', '.join(missing)} does not exist on this kernel{hint}")
     return 0
 

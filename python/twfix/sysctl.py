@@ -10,6 +10,7 @@ caller's namespace never changes. twfix writes knobs only through ``twfix tune -
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -28,6 +29,8 @@ __all__ = [
     "Sysctl",
     "SysctlTable",
     "SysctlUnavailableError",
+    "close_match",
+    "full_name",
     "get",
     "is_int_text",
     "port_range",
@@ -449,6 +452,25 @@ def read(
             )
         )
     return SysctlTable(rows)
+
+
+def full_name(name: str) -> str:
+    """``name`` as given when it is a full name (dotted or slashed); a short one (``tcp_fin_timeout``) as the
+    catalogue knob it stands for. Raises LookupError for an unknown short name, with close matches."""
+    if "." in name or "/" in name:
+        return name
+    matches = [k for k in _CATALOGUE if k.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    close = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in _CATALOGUE], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; give the full name (net.ipv4.NAME)"
+    raise LookupError(f"unknown knob {name!r}{hint}")
+
+
+def close_match(name: str) -> str | None:
+    """The catalogue knob closest to ``name`` (for "did you mean"), or None."""
+    close = difflib.get_close_matches(name, list(_CATALOGUE), n=1)
+    return close[0] if close and close[0] != name else None
 
 
 def validate(name: str, value: object) -> str:
