@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, diag, sysctl
+from twfix import _twfix, diag, netns, sysctl
 from twfix._args import namespace_path
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
@@ -215,20 +215,11 @@ class _Host:
 
     def sockstat_tw(self) -> int | None:
         text = self.proc_net("sockstat")
-        if text is None:
-            return None
-        m = re.search(r"^TCP:.*\btw (\d+)", text, re.M)
-        return int(m.group(1)) if m else None
+        return netns.parse_sockstat(text).time_wait if text is not None else None
 
     def tcpext(self) -> dict[str, int]:
         if self._tcpext is None:
-            counters: dict[str, int] = {}
-            lines = (self.proc_net("netstat") or "").splitlines()
-            for head, values in zip(lines[::2], lines[1::2], strict=False):
-                if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
-                    names, nums = head.split()[1:], values.split()[1:]
-                    counters = {n: int(v) for n, v in zip(names, nums, strict=False) if v.lstrip("-").isdigit()}
-            self._tcpext = counters
+            self._tcpext = netns.parse_tcpext(self.proc_net("netstat") or "")
         return self._tcpext
 
     def config_files(self) -> list[tuple[Path, OSError | None]]:

@@ -236,13 +236,7 @@ def _gauge(name: str, doc: str, labels: list[str], values: list[tuple[tuple[str,
 def _overflow(path: str | None) -> int:
     """TcpExt TCPTimeWaitOverflow of the namespace at ``path``."""
     (text,) = _twfix.read_proc_net(["netstat"], path)
-    lines = (text or "").splitlines()
-    for head, values in zip(lines[::2], lines[1::2], strict=False):
-        if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            for name, value in zip(head.split()[1:], values.split()[1:], strict=False):
-                if name == "TCPTimeWaitOverflow" and value.isascii() and value.isdigit():
-                    return int(value)
-    return 0
+    return netns.parse_tcpext(text or "").get("TCPTimeWaitOverflow", 0)
 
 
 def registry(**options: object) -> CollectorRegistry:

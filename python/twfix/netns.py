@@ -14,7 +14,17 @@ from typing import Final
 
 from twfix import _twfix
 
-__all__ = ["NetNamespace", "TcpCounters", "counters", "current", "current_inode", "namespaces", "port_listeners"]
+__all__ = [
+    "NetNamespace",
+    "TcpCounters",
+    "counters",
+    "current",
+    "current_inode",
+    "namespaces",
+    "parse_sockstat",
+    "parse_tcpext",
+    "port_listeners",
+]
 
 # Processes remembered per namespace: enough to name it, bounded on hosts with thousands of processes.
 _PIDS_KEPT: Final = 3
@@ -72,18 +82,38 @@ class TcpCounters:
     alloc: int
 
 
+def _number(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def parse_sockstat(text: str) -> TcpCounters:
+    """The TCP line of /proc/net/sockstat text (missing fields read as 0)."""
+    values = dict.fromkeys(("inuse", "orphan", "tw", "alloc"), 0)
+    for line in text.splitlines():
+        if line.startswith("TCP:"):
+            words = line.split()[1:]
+            for key, value in zip(words[::2], words[1::2], strict=False):
+                number = _number(value)
+                if key in values and number is not None:
+                    values[key] = number
+    return TcpCounters(values["inuse"], values["orphan"], values["tw"], values["alloc"])
+
+
+def parse_tcpext(text: str) -> dict[str, int]:
+    """The TcpExt counters of /proc/net/netstat text (a header line of names, then a line of values)."""
+    lines = text.splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            pairs = zip(head.split()[1:], values.split()[1:], strict=False)
+            return {name: number for name, value in pairs if (number := _number(value)) is not None}
+    return {}
+
+
 def counters(ns: NetNamespace | None = None) -> TcpCounters:
     """The sockstat counters of ``ns`` (None: the caller's namespace), read from a thread inside it."""
     own = ns is None or ns.inode == current_inode()  # no thread needed to read the caller's own
     (text,) = _twfix.read_proc_net(["sockstat"], None if own or ns is None else ns.path)
-    values = dict.fromkeys(("inuse", "orphan", "tw", "alloc"), 0)
-    for line in (text or "").splitlines():
-        if line.startswith("TCP:"):
-            words = line.split()[1:]
-            for key, value in zip(words[::2], words[1::2], strict=False):
-                if key in values and value.isascii() and value.isdigit():
-                    values[key] = int(value)
-    return TcpCounters(values["inuse"], values["orphan"], values["tw"], values["alloc"])
+    return parse_sockstat(text or "")
 
 
 def current() -> NetNamespace:
