@@ -49,7 +49,7 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 /// ip_local_reserved_ports") lives on the Python side (`twfix.sysctl.PortRange`), in one place.
 #[derive(Clone, Default)]
 pub struct PortSet(Vec<u64>);
-// An empty Vec means "no port"; a set read from bytes keeps its 1,024 words even when all are zero.
+// No words at all: the set is not known; a set read from bytes keeps its 1,024 words even when all are zero.
 
 pub const PORT_SET_BYTES: usize = 65536 / 8;
 
@@ -80,8 +80,8 @@ impl PortSet {
         self.0.iter().all(|&w| w == 0)
     }
 
-    /// `is_empty` in O(1) for the hot path: a set built from no bytes has no words at all.
-    fn is_empty_cached(&self) -> bool {
+    /// True for a set built from no bytes: "not known", as opposed to a known set without ports. O(1).
+    fn is_unset(&self) -> bool {
         self.0.is_empty()
     }
 }
@@ -135,7 +135,7 @@ impl Snapshot {
         let ephemeral = self.ephemeral.contains(r.sport);
         if r.state == TIME_WAIT {
             self.tw_hist[(r.expires_ms / 10_000).min(6) as usize] += 1;
-            let known_range = !self.ephemeral.is_empty_cached();
+            let known_range = !self.ephemeral.is_unset();
             self.tw_server_side += u64::from(on_listening_port || (known_range && !ephemeral));
         }
         // Connections accepted by a listener share its port and consume no ephemeral port.
