@@ -144,15 +144,17 @@ class Explanation:
 
 
 def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:
-    """(ephemeral ports, ip_unprivileged_port_start) of the namespace; None where unreadable."""
+    """(ephemeral ports, ip_unprivileged_port_start) of the namespace, read in one pass; None where unreadable."""
+    names = ["net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.ip_unprivileged_port_start"]
     try:
-        ports: PortRange | None = sysctl.port_range(netns=ns)
-    except (OSError, LookupError, ValueError):
+        rows = sysctl.read(names, netns=ns)
+    except OSError:
+        return None, 1024
+    rng, reserved, start = (rows[n].value for n in names)
+    try:
+        ports: PortRange | None = sysctl.port_range_of(rng, reserved)
+    except ValueError:
         ports = None
-    try:
-        start = sysctl.get("net.ipv4.ip_unprivileged_port_start", netns=ns)
-    except (OSError, LookupError, ValueError):
-        start = 1024
     return ports, start if isinstance(start, int) else 1024
 
 
