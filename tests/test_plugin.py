@@ -71,11 +71,41 @@ def test_port_fixtures_are_outside_the_ephemeral_range(pytester: pytest.Pytester
             assert len(set(every)) == len(every)
             assert not any(ports.assigns(p) for p in every)  # bind(0) and connect() never get these
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                with socket.socket(family) as s:
-                    s.bind((host, twfix_tcp_port))  # free on both loopbacks, no SO_REUSEADDR needed
+                with socket.create_server((host, twfix_tcp_port), family=family):  # SO_REUSEADDR: binds
+                    pass
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.bind((host, twfix_udp_port))  # UDP ports are not held
+
+        def test_held(twfix_tcp_port):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", twfix_tcp_port))  # no SO_REUSEADDR: the hold refuses it
         """
     )
-    pytester.runpytest().assert_outcomes(passed=1)
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*twfix: why the address was in use*",
+            "*port * is held for this test by twfix*without SO_REUSEADDR*",
+            "*@pytest.mark.twfix_no_hold*hold=False*--twfix-no-hold*",
+        ]
+    )
+    # No twfix frame in the traceback of the failing bind: the plugin only listens (an audit hook).
+    assert "pytest_plugin.py" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("how", ["marker", "option", "ini", "argument"])
+def test_opting_out_of_the_hold(pytester: pytest.Pytester, how: str) -> None:
+    mark = "@pytest.mark.twfix_no_hold\n" if how == "marker" else ""
+    port = "twfix_port_factory('tcp', hold=False)" if how == "argument" else "twfix_tcp_port"
+    pytester.makepyfile(
+        f"import pytest, socket\n{mark}def test_plain(twfix_tcp_port, twfix_port_factory):\n"
+        f"    with socket.socket() as s:\n        s.bind(('127.0.0.1', {port}))\n"
+    )
+    if how == "ini":
+        pytester.makeini(INI + "twfix_hold = false\n")
+    result = pytester.runpytest(*(["--twfix-no-hold"] if how == "option" else []))
+    result.assert_outcomes(passed=1)
 
 
 def test_bind_close_return_races_and_the_pool_does_not() -> None:
@@ -350,9 +380,9 @@ def test_address_conflict_is_explained_in_the_report(pytester: pytest.Pytester) 
 
 def test_plugin_import_is_cheap_and_side_effect_free() -> None:
     code = (
-        "import socket, sys\nbind = socket.socket.bind\nimport twfix.pytest_plugin\n"
-        "assert socket.socket.bind is bind\n"
-        "import twfix\nassert 'pytest' in sys.modules\n"
+        "import socket, sys\nbind, init = socket.socket.bind, socket.socket.__init__\nimport twfix\n"
+        "assert 'pytest' not in sys.modules and 'twfix.pytest_plugin' not in sys.modules\n"
+        "import twfix.pytest_plugin\nassert socket.socket.bind is bind and socket.socket.__init__ is init\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     # No other twfix module imports pytest.
@@ -365,3 +395,180 @@ def twfix_dir() -> str:
     import twfix
 
     return str(Path(twfix.__file__).parent)
+
+
+# ------------------------------------------------------------------ reaching the fixture whoever defines it
+
+# Three lines copied from pytest-asyncio into a project's conftest.py, as real suites do.
+OWN_FIXTURE_CONFTEST = """
+import contextlib, socket
+import pytest
+
+@pytest.fixture
+def unused_tcp_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+@pytest.fixture(scope="session")
+def unused_tcp_port_factory():
+    def factory():
+        with contextlib.closing(socket.socket()) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return factory
+"""
+
+OWN_FIXTURE_SUITE = """
+import asyncio
+from twfix import sysctl
+
+def test_server(unused_tcp_port, unused_tcp_port_factory):
+    async def main():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", unused_tcp_port)
+        other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", unused_tcp_port_factory())
+        for s in (server, other):
+            s.close()
+            await s.wait_closed()
+    asyncio.run(main())
+    print("ASSIGNABLE", sysctl.port_range().assigns(unused_tcp_port))
+"""
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_a_conftest_copy_of_the_fixture_is_served_by_twfix(pytester: pytest.Pytester, opt_in: bool) -> None:
+    pytester.makeconftest(OWN_FIXTURE_CONFTEST)
+    pytester.makepyfile(OWN_FIXTURE_SUITE)
+    result = pytester.runpytest("-s", *(["--twfix-ports"] if opt_in else []))
+    result.assert_outcomes(passed=1)
+    # The conftest's bind(0) copy gives ports inside the ephemeral range; twfix's never are.
+    result.stdout.fnmatch_lines([f"*ASSIGNABLE {not opt_in}"])
+
+
+HELPER_SUITE = """
+import socket
+import aiohttp.test_utils
+import ephemeral_port_reserve
+import portpicker
+from portpicker import pick_unused_port
+from twfix import sysctl
+
+def test_helpers(aiohttp_unused_port):
+    ports = [pick_unused_port(), portpicker.pick_unused_port(), aiohttp.test_utils.unused_port(),
+             ephemeral_port_reserve.reserve(), aiohttp_unused_port(), IMPORTED_IN_CONFTEST()]
+    assert len(set(ports)) == 6
+    print("ASSIGNABLE", *(sysctl.port_range().assigns(p) for p in ports))
+    for port in ports:
+        socket.create_server(("127.0.0.1", port)).close()
+"""
+
+
+def test_port_helper_functions_are_routed(pytester: pytest.Pytester) -> None:
+    """portpicker, aiohttp's unused_port and ephemeral_port_reserve, even imported by name in a conftest."""
+    for module in ("aiohttp", "portpicker", "ephemeral_port_reserve"):
+        pytest.importorskip(module)
+    pytester.makeconftest(
+        "import builtins\nfrom portpicker import pick_unused_port as IMPORTED\n"
+        "builtins.IMPORTED_IN_CONFTEST = IMPORTED\npytest_plugins = ['aiohttp.pytest_plugin']\n"
+    )
+    pytester.makepyfile(HELPER_SUITE)
+    pytester.makeini("[pytest]\n")  # aiohttp's plugin instead of pytest-asyncio's
+    result = pytester.runpytest_subprocess("-s", "--twfix-ports", "-p", "no:asyncio")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*ASSIGNABLE False False False False False False"])
+
+
+UNREACHED_SUITE = """
+import socket
+import pytest
+
+def get_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+@pytest.mark.parametrize("i", range(4))
+def test_server(i):
+    with socket.create_server(("127.0.0.1", get_free_port())):
+        pass
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_helper_twfix_cannot_reach_is_named_once(pytester: pytest.Pytester, workers: int) -> None:
+    pytester.makepyfile(UNREACHED_SUITE)
+    args = ["--twfix-ports", *(["-n", str(workers)] if workers else [])]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str()
+    assert out.count("a free-port helper twfix cannot reach") == 1
+    result.stdout.fnmatch_lines(
+        [
+            "*port helpers --twfix-ports cannot reach*",
+            "*test_a_helper_twfix_cannot_reach_is_named_once.py:6 (get_free_port)*",
+        ]
+    )
+    # Without the opt-in twfix stays silent.
+    assert "cannot reach" not in pytester.runpytest_subprocess().stdout.str()
+
+
+WRAPPED_SUITE = """
+import logging, socket, subprocess, sys
+import pytest
+
+HOLDER = (
+    "import socket, sys, time\\ns = socket.create_server(('127.0.0.1', 0))\\n"
+    "print(s.getsockname()[1], flush=True)\\ntime.sleep(60)"
+)
+
+@pytest.fixture
+def busy_port():
+    child = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+    yield int(child.stdout.readline())
+    child.kill()
+    child.communicate()
+
+def serve(port):
+    try:
+        socket.create_server(("127.0.0.1", port))
+    except OSError as exc:
+        logging.getLogger("app").error("could not start: %s", exc)
+        sys.exit(1)
+
+def test_system_exit(busy_port):
+    serve(busy_port)
+
+class StartupError(Exception):
+    pass
+
+def test_wrapped(busy_port):
+    try:
+        socket.create_server(("127.0.0.1", busy_port))
+    except OSError:
+        raise StartupError("the server did not start") from None
+
+@pytest.fixture
+def server(busy_port):
+    serve(busy_port)
+
+def test_in_a_fixture(server):
+    pass
+"""
+
+
+def test_explanations_survive_wrapping(pytester: pytest.Pytester) -> None:
+    """A SystemExit after a log line, an exception whose context is the EADDRINUSE, a failing fixture."""
+    pytester.makepyfile(WRAPPED_SUITE)
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(failed=2, errors=1)
+    out = result.stdout.str()
+    assert out.count("twfix: why the address was in use") == 3
+    assert out.count("is in use by a live listener") >= 3
+    result.stdout.fnmatch_lines(["*pid *python*"])
+
+
+def test_the_ini_options_say_what_they_do(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--twfix-ports*", "*--twfix-no-hold*", "*twfix_ports (bool)*", "*twfix_hold (bool)*"])
+    ini_help = result.stdout.str().split("twfix_ports (bool)")[1]
+    assert "unused_tcp_port" in ini_help.split("twfix_hold")[0]

@@ -19,32 +19,39 @@ Options:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import importlib
+import importlib.util
 import os
+import re
 import socket
 import struct
+import sys
 import traceback
 import types
+import weakref
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pytest
 
 import twfix
-from twfix import _twfix
+from twfix import _twfix, sysctl
+from twfix._text import printable
 from twfix.netns import counters as namespace_counters  # `netns` is a fixture of this module
 from twfix.ports import PortPool
+from twfix.sysctl import PortRange
 
 __all__ = ["BoundSocket", "NetworkNamespace"]
 
 _POOL_KEY: Final = pytest.StashKey[PortPool]()
-_CREATED_KEY: Final = pytest.StashKey[dict[int, list[str]]]()
-_CONFLICT_KEY: Final = pytest.StashKey[list[str]]()
 _BEFORE_KEY: Final = pytest.StashKey[tuple[set[int], int]]()
+_LOG_KEY: Final = pytest.StashKey["_BindLog"]()
 _CLONE_NEWNET: Final = 0x40000000
 _REQUIRE_NETNS: Final = "TWFIX_REQUIRE_NETNS"
 
@@ -80,7 +87,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--twfix-ports",
         action="store_true",
         default=None,
-        help="serve pytest-asyncio's unused_*_port and anyio's free_*_port fixtures from twfix (race-free)",
+        help=_PORTS_HELP,
+    )
+    group.addoption(
+        "--twfix-no-hold",
+        action="store_true",
+        default=False,
+        help="do not hold reserved TCP ports in the kernel (for code that binds without SO_REUSEADDR; "
+        "per test: the twfix_no_hold marker)",
     )
     group.addoption(
         "--twfix-leaks",
@@ -88,8 +102,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="fail every test that leaves sockets open (as the twfix_no_leaks marker does)",
     )
-    parser.addini("twfix_ports", "like --twfix-ports", type="bool", default=False)
+    parser.addini("twfix_ports", _PORTS_HELP, type="bool", default=False)
+    parser.addini("twfix_hold", "hold reserved TCP ports in the kernel until teardown (default true)", "bool", True)
     parser.addini("twfix_leaks", "like --twfix-leaks", type="bool", default=False)
+
+
+_PORTS_HELP: Final = (
+    "serve the port fixtures unused_tcp_port, unused_udp_port (and _factory), free_tcp_port, free_udp_port "
+    "(and _factory) and aiohttp_unused_port from twfix whoever defines them, and route portpicker."
+    "pick_unused_port, aiohttp.test_utils.unused_port and ephemeral_port_reserve.reserve to it: ports never "
+    "given to bind(0) or connect(), TCP ones held in the kernel until teardown; warns about port helpers it "
+    "cannot reach"
+)
 
 
 def _flag(config: pytest.Config, name: str) -> bool:
@@ -97,19 +121,39 @@ def _flag(config: pytest.Config, name: str) -> bool:
     return bool(value) if value is not None else bool(config.getini(f"twfix_{name}"))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Route the port helpers before the first conftest.py imports them by name."""
+    option = getattr(early_config.known_args_namespace, "twfix_ports", None)
+    if option or (option is None and early_config.getini("twfix_ports")):
+        _route_helpers(early_config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "twfix_no_leaks: fail the test if it leaves listening sockets or socket descriptors open"
     )
+    config.addinivalue_line(
+        "markers",
+        f"{_HOLD_MARK}: the test's reserved TCP ports are not held in the kernel (for code that binds them "
+        "without SO_REUSEADDR; anything may then take them first)",
+    )
+    _watch_binds()
     if _flag(config, "ports"):
-        # Registered now, after every entry-point plugin: these definitions win over theirs.
-        config.pluginmanager.register(_port_overrides(), "twfix-port-overrides")
+        # The names must exist even where no plugin defines them; pytest_fixture_setup serves the values.
+        config.pluginmanager.register(_port_fixture_names(), "twfix-port-overrides")
+        config.pluginmanager.register(_Unreached(), "twfix-unreached-helpers")
+        _route_helpers(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    for module, name, original in config.stash.get(_ROUTED_KEY, []):
+        setattr(module, name, original)
+    config.stash[_ROUTED_KEY] = []
     pool = config.stash.get(_POOL_KEY, None)
     if pool is not None:
         pool.close()
+        del config.stash[_POOL_KEY]
 
 
 def _pool(config: pytest.Config) -> PortPool:
@@ -163,16 +207,26 @@ def udp_socket(udp_socket_factory: Callable[..., BoundSocket]) -> BoundSocket:
 
 # ------------------------------------------------------------------ port numbers
 
+# pytest-asyncio's and anyio's port fixtures, and aiohttp's: name -> (kind, factory?). With the opt-in they
+# are served by twfix whoever defines them (a plugin, a conftest.py copy, a test module).
+_SERVED: Final[dict[str, tuple[str, bool]]] = {
+    **{f"{prefix}_{kind}_port": (kind, False) for prefix in ("unused", "free") for kind in ("tcp", "udp")},
+    **{f"{prefix}_{kind}_port_factory": (kind, True) for prefix in ("unused", "free") for kind in ("tcp", "udp")},
+    "aiohttp_unused_port": ("tcp", True),
+}
+_HOLD_MARK: Final = "twfix_no_hold"
+
 
 class _Ports:
     """Ports reserved for one scope, released at its end."""
 
-    def __init__(self, pool: PortPool) -> None:
+    def __init__(self, pool: PortPool, hold: bool) -> None:
         self._pool = pool
+        self._hold = hold
         self._mine: list[int] = []
 
-    def __call__(self, kind: str = "tcp") -> int:
-        port = self._pool.reserve(kind)
+    def __call__(self, kind: str = "tcp", *, hold: bool | None = None) -> int:
+        port = self._pool.reserve(kind, hold=self._hold if hold is None else hold)
         self._mine.append(port)
         return port
 
@@ -182,56 +236,118 @@ class _Ports:
         self._mine.clear()
 
 
+def _hold(request: pytest.FixtureRequest) -> bool:
+    """Whether TCP ports handed to this request are held in the kernel (see twfix.ports)."""
+    if request.node.get_closest_marker(_HOLD_MARK) is not None:
+        return False
+    return _config_hold(request.config)
+
+
 def _one_port(request: pytest.FixtureRequest, kind: str) -> Iterator[int]:
-    ports = _Ports(_pool(request.config))
+    ports = _Ports(_pool(request.config), _hold(request))
     yield ports(kind)
     ports.release()
 
 
 @pytest.fixture(scope="session")
 def twfix_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., int]]:
-    """``twfix_port_factory("tcp" | "udp")``: another reserved port, held until the end of the session."""
-    ports = _Ports(_pool(request.config))
+    """``twfix_port_factory("tcp" | "udp", hold=None)``: another reserved port, held until the end of the
+    session (``hold=False``: not held in the kernel, for code that binds without SO_REUSEADDR)."""
+    ports = _Ports(_pool(request.config), _hold(request))
     yield ports
     ports.release()
 
 
 @pytest.fixture
 def twfix_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
-    """A TCP port reserved for this test: free now, and no other test, worker or pytest run gets it."""
+    """A TCP port reserved for this test and held in the kernel until its teardown: a server that sets
+    SO_REUSEADDR binds it, nothing else can (marker ``twfix_no_hold`` for code that binds without it)."""
     yield from _one_port(request, "tcp")
 
 
 @pytest.fixture
 def twfix_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
-    """A UDP port reserved for this test (see ``twfix_tcp_port``)."""
+    """A UDP port reserved for this test (see ``twfix.ports`` for what protects a UDP port)."""
     yield from _one_port(request, "udp")
 
 
-def _port_overrides() -> types.ModuleType:
-    """pytest-asyncio's ``unused_*`` and anyio's ``free_*`` port fixtures, served race-free
-    (``--twfix-ports``), with their scopes: each port fixture gets its own port, the factories last the
-    session."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> object | None:
+    """With ``--twfix-ports``, the value of every served port fixture comes from twfix, whichever plugin,
+    conftest.py or module defines it (pytest prefers a conftest's definition to a plugin's, so defining
+    fixtures of the same name could never reach those)."""
+    served = _SERVED.get(fixturedef.argname)
+    if served is None or not _flag(request.config, "ports"):
+        return None
+    kind, factory = served
+    ports = _Ports(_pool(request.config), _hold(request))
+    value: object = (lambda: ports(kind)) if factory else ports(kind)
+    fixturedef.addfinalizer(ports.release)
+    fixturedef.cached_result = (value, fixturedef.cache_key(request), None)  # type: ignore[arg-type]
+    return value
+
+
+def _port_fixture_names() -> types.ModuleType:
+    """Definitions of the served names for suites where no plugin defines them (pytest-asyncio, anyio or
+    aiohttp's plugin not installed): port fixtures per test, factories per session, as those plugins have
+    them. Their values come from :func:`pytest_fixture_setup`."""
     plugin = types.ModuleType("twfix-port-overrides")
 
-    def port(kind: str) -> Callable[[pytest.FixtureRequest], Iterator[int]]:
-        def fixture(request: pytest.FixtureRequest) -> Iterator[int]:
-            yield from _one_port(request, kind)
+    def define(name: str, scope: Literal["session", "function"]) -> None:
+        def fixture() -> None:
+            raise RuntimeError(f"{name} is served by twfix's pytest_fixture_setup")  # pragma: no cover
 
-        return fixture
+        setattr(plugin, name, pytest.fixture(scope=scope, name=name)(fixture))
 
-    def factory(kind: str) -> Callable[[Callable[..., int]], Callable[[], int]]:
-        def fixture(twfix_port_factory: Callable[..., int]) -> Callable[[], int]:
-            return lambda: twfix_port_factory(kind)
-
-        return fixture
-
-    for prefix in ("unused", "free"):
-        for kind in ("tcp", "udp"):
-            name = f"{prefix}_{kind}_port"
-            setattr(plugin, name, pytest.fixture(name=name)(port(kind)))
-            setattr(plugin, f"{name}_factory", pytest.fixture(scope="session", name=f"{name}_factory")(factory(kind)))
+    for name, (_kind, factory) in _SERVED.items():
+        define(name, "session" if factory and name != "aiohttp_unused_port" else "function")
     return plugin
+
+
+# Free-port helpers that tests call directly: (module, function). Routed to the pool under --twfix-ports
+# where installed; each port is released at the end of the test that asked for it (or of the session).
+_HELPERS: Final = (
+    ("portpicker", "pick_unused_port"),
+    ("aiohttp.test_utils", "unused_port"),
+    ("ephemeral_port_reserve", "reserve"),
+)
+_ROUTED_KEY: Final = pytest.StashKey[list[tuple[types.ModuleType, str, Any]]]()
+_SESSION_PORTS_KEY: Final = pytest.StashKey["_Ports"]()
+
+
+def _route_helpers(config: pytest.Config) -> None:
+    if config.stash.get(_ROUTED_KEY, []):
+        return
+    routed: list[tuple[types.ModuleType, str, Any]] = []
+    for module_name, function in _HELPERS:
+        if importlib.util.find_spec(module_name.partition(".")[0]) is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, function, None)
+        if original is None:
+            continue
+
+        def routed_helper(*_args: Any, _config: pytest.Config = config, **_kwargs: Any) -> int:
+            log = _current
+            if log is not None and log.ports is not None:
+                return log.ports("tcp")
+            ports = _config.stash.get(_SESSION_PORTS_KEY, None)
+            if ports is None:
+                ports = _config.stash[_SESSION_PORTS_KEY] = _Ports(_pool(_config), _config_hold(_config))
+            return ports("tcp")
+
+        routed_helper.__name__ = function
+        routed_helper.__doc__ = f"{module_name}.{function}, routed to twfix's port pool by --twfix-ports."
+        setattr(module, function, routed_helper)
+        routed.append((module, function, original))
+    config.stash[_ROUTED_KEY] = routed
+
+
+def _config_hold(config: pytest.Config) -> bool:
+    return not config.getoption("--twfix-no-hold", False) and bool(config.getini("twfix_hold"))
 
 
 # ------------------------------------------------------------------ network namespaces
@@ -327,50 +443,151 @@ def _guarded(item: pytest.Item) -> bool:
     return _flag(item.config, "leaks") or item.get_closest_marker("twfix_no_leaks") is not None
 
 
-_original_init = socket.socket.__init__
-_original_bind = socket.socket.bind
+# ------------------------------------------------------------------ what the test's process binds
 
 
-def _install_tracers(item: pytest.Item, record_creation: bool) -> Callable[[], None]:
-    """Record where each socket of the test is created, and explain an EADDRINUSE bind when it happens."""
-    created: dict[int, list[str]] = item.stash.setdefault(_CREATED_KEY, {})
-    conflicts: list[str] = item.stash.setdefault(_CONFLICT_KEY, [])
+class _BindLog:
+    """The binds (and, for the leak guard, the sockets) a test's process made, recorded by an audit hook."""
 
-    def traced_init(self: socket.socket, *args: Any, **kwargs: Any) -> None:
-        _original_init(self, *args, **kwargs)
-        if record_creation:
-            created[self.fileno()] = traceback.format_stack(limit=6)[:-1]
+    def __init__(self, item: pytest.Item, record_creation: bool) -> None:
+        self.item = item
+        self.record_creation = record_creation
+        # (socket, family, type, host, port, SO_REUSEADDR set, call site)
+        self.binds: list[tuple[weakref.ref[socket.socket], int, int, str, int, bool, str]] = []
+        self.created: list[tuple[weakref.ref[socket.socket], list[str]]] = []
+        self.last_pick: str | None = None  # where the test last bound port 0 (a free-port helper?)
+        self.unreached: dict[str, str] = {}  # location -> note
+        self.ports: _Ports | None = None
+        self._range: PortRange | None = None
+        self.opted_in = _flag(item.config, "ports")
 
-    def explained_bind(self: socket.socket, address: Any) -> None:
-        try:
-            _original_bind(self, address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE and self.family in (socket.AF_INET, socket.AF_INET6):
-                kind = "udp" if self.type == socket.SOCK_DGRAM else "tcp"
-                with contextlib.suppress(OSError, ValueError, TypeError):
-                    conflicts.append(str(twfix.explain(int(address[1]), str(address[0]), kind)))
-            raise
+    def on_bind(self, sock: socket.socket, address: Any) -> None:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+            return
+        host, port = str(address[0]), int(address[1])
+        site = _call_site()
+        if site is None:
+            return  # twfix's own probe binds
+        reuse = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+        self.binds.append((weakref.ref(sock), sock.family, sock.type, host, port, reuse, site))
+        if port == 0:
+            self.last_pick = site
+        elif self.opted_in:
+            self._check_reach(port, site)
 
-    socket.socket.__init__ = traced_init  # type: ignore[method-assign]
-    socket.socket.bind = explained_bind  # type: ignore[method-assign,assignment]
+    def _check_reach(self, port: int, site: str) -> None:
+        if self._range is None:
+            self._range = sysctl.port_range()
+        if not self._range.assigns(port):
+            return
+        where = self.last_pick or site
+        if where in self.unreached:
+            return
+        if self.last_pick is not None:
+            note = (
+                f"{where}: a free-port helper twfix cannot reach (port {port}, chosen by its bind(0), was bound "
+                f"at {site}); use a port fixture twfix serves (unused_tcp_port, free_tcp_port, twfix_tcp_port)"
+            )
+        else:
+            note = (
+                f"{site}: port {port} is bound explicitly but lies in the ephemeral range "
+                f"({self._range.low}-{self._range.high}), where bind(0) and connect() may take it first; if it came "
+                "from a free-port helper, twfix cannot reach that helper: use a port fixture twfix serves"
+            )
+        self.unreached[where] = note
 
-    def restore() -> None:
-        socket.socket.__init__ = _original_init  # type: ignore[method-assign]
-        socket.socket.bind = _original_bind  # type: ignore[method-assign]
+    def on_create(self, sock: socket.socket) -> None:
+        frames = [f for f in traceback.extract_stack(limit=12) if f.filename not in (__file__, socket.__file__)]
+        self.created.append((weakref.ref(sock), traceback.format_list(frames[-4:])))
 
-    return restore
+    def creation_sites(self) -> dict[int, list[str]]:
+        sites: dict[int, list[str]] = {}
+        for ref, stack in self.created:
+            sock = ref()
+            if sock is not None and sock.fileno() != -1:
+                sites[sock.fileno()] = stack
+        return sites
+
+    def failed_binds(self) -> list[tuple[int, str, int, bool]]:
+        """(type, host, port, SO_REUSEADDR) of every explicit bind whose socket is not bound there now."""
+        found: dict[tuple[int, str, int], bool] = {}
+        for ref, _family, sotype, host, port, reuse, _site in self.binds:
+            sock = ref()
+            if port == 0:
+                continue
+            with contextlib.suppress(OSError):
+                if sock is not None and sock.fileno() != -1 and sock.getsockname()[1] == port:
+                    continue  # that bind succeeded and the socket is still there
+            found[(sotype, host, port)] = reuse
+        return [(sotype, host, port, reuse) for (sotype, host, port), reuse in found.items()]
+
+
+_current: _BindLog | None = None
+_watching = False
+_OWN_FILES: Final = (os.path.dirname(__file__) + os.sep, socket.__file__, os.path.dirname(asyncio.__file__) + os.sep)
+
+
+def _call_site() -> str | None:
+    """The first frame outside the stdlib's socket and asyncio code that made the call (None for twfix)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back  # the audit hook itself
+    first: str | None = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_OWN_FILES[0]):
+            return None
+        if not name.startswith(_OWN_FILES[1:]):
+            where = f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            if first is None:
+                first = where
+            if "site-packages" not in name:
+                return where
+        frame = frame.f_back
+    return first
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    log = _current
+    if log is None or event not in ("socket.bind", "socket.__new__"):
+        return
+    try:
+        if event == "socket.bind":
+            log.on_bind(args[0], args[1])
+        elif log.record_creation:
+            log.on_create(args[0])
+    except Exception:  # an audit hook must never change what the audited call does
+        pass
+
+
+def _watch_binds() -> None:
+    """Install the audit hook once per process (it cannot be removed; it does nothing outside a test)."""
+    global _watching
+    if not _watching:
+        sys.addaudithook(_audit)
+        _watching = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    global _current
+    log = _BindLog(item, _guarded(item))
+    log.ports = _Ports(_pool(item.config), _config_hold(item.config)) if log.opted_in else None
+    item.stash[_LOG_KEY] = log
+    previous, _current = _current, log
+    try:
+        return (yield)
+    finally:
+        _current = previous
+        if log.ports is not None:
+            log.ports.release()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    guarded = _guarded(item)
-    if guarded:
+    if _guarded(item):
         item.stash[_BEFORE_KEY] = (set(_socket_fds()), _time_wait_count())
-    restore = _install_tracers(item, guarded)
-    try:
-        return (yield)
-    finally:
-        restore()
+    return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -381,7 +598,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return result
     fds_before, tw_before = before
     leaked = {fd: inode for fd, inode in _socket_fds().items() if fd not in fds_before}
-    created = item.stash.get(_CREATED_KEY, {})
+    log = item.stash.get(_LOG_KEY, None)
+    created = log.creation_sites() if log is not None else {}
     tw = _time_wait_count() - tw_before
     if tw > 0:
         item.add_report_section("teardown", "twfix", f"{tw} TIME-WAIT socket(s) created by this test")
@@ -418,17 +636,93 @@ def _leak_report(leaked: dict[int, int], created: dict[int, list[str]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ reports
+
+
+_IN_USE_TEXT: Final = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
+
+
+def _in_use(exc: BaseException | None) -> bool:
+    """EADDRINUSE anywhere in the exception, its causes and contexts, and exception groups."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.EADDRINUSE:
+            return True
+        if _IN_USE_TEXT.search(str(current)):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend((current.__cause__, current.__context__))
+    return False
+
+
+def _explanations(item: pytest.Item, log: _BindLog) -> list[str]:
+    pool = item.config.stash.get(_POOL_KEY, None)
+    texts: list[str] = []
+    free: list[str] = []
+    for sotype, host, port, reuse in log.failed_binds():
+        kind = "udp" if sotype == socket.SOCK_DGRAM else "tcp"
+        if kind == "tcp" and not reuse and pool is not None and pool.holds(port):
+            texts.append(
+                f"port {port} is held for this test by twfix (a bound socket with SO_REUSEADDR, so that nothing "
+                f"else takes it), and the code bound {host or '*'}:{port} without SO_REUSEADDR, which only a "
+                "free port accepts.\n"
+                "  > set SO_REUSEADDR before bind() (socket.create_server and asyncio, uvicorn, aiohttp, "
+                "tornado do), or let twfix hand out unheld ports: mark the test @pytest.mark.twfix_no_hold, "
+                "ask twfix_port_factory(..., hold=False), or run with --twfix-no-hold (ini: twfix_hold = false)"
+            )
+            continue
+        try:
+            explanation = twfix.explain(port, host, kind)
+        except (OSError, ValueError, TypeError):
+            continue
+        if explanation.can_bind:
+            free.append(f"{kind} {host or '*'}:{port}")
+        else:
+            texts.append(str(explanation))
+    if not texts and free:
+        texts.append(f"free now (what held them has gone since): {', '.join(free)}")
+    return texts
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    if call.when == "call" and call.excinfo is not None:
+    log = item.stash.get(_LOG_KEY, None)
+    if call.excinfo is not None and call.when in ("setup", "call"):
         exc = call.excinfo.value
         texts = []
         if isinstance(exc, twfix.AddressInUseError) and exc.explanation is not None:
             texts.append(str(exc.explanation))
-        elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-            conflicts: list[str] = item.stash.get(_CONFLICT_KEY, [])
-            texts.extend(conflicts)
+        elif log is not None and (
+            _in_use(exc) or any(_IN_USE_TEXT.search(content) for _name, content in report.sections)
+        ):
+            texts.extend(_explanations(item, log))
         if texts:
             report.sections.append(("twfix: why the address was in use", "\n\n".join(texts)))
+    if call.when == "teardown" and log is not None and log.unreached:
+        report.user_properties.extend(("twfix_unreached", [where, note]) for where, note in log.unreached.items())
     return report
+
+
+class _Unreached:
+    """Collects the helper notes of every report (xdist workers' too) and prints each once per run."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, str] = {}  # location -> the first note about it
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, value in report.user_properties:
+            if name == "twfix_unreached" and isinstance(value, list | tuple) and len(value) == 2:
+                self.notes.setdefault(str(value[0]), str(value[1]))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.notes:
+            terminalreporter.write_sep("=", "twfix: port helpers --twfix-ports cannot reach", yellow=True)
+            for note in self.notes.values():
+                terminalreporter.write_line(printable(note))
