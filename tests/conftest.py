@@ -20,6 +20,9 @@ from twfix.pytest_plugin import NetworkNamespace
 # failing instead of skipping when TWFIX_REQUIRE_NETNS is set, as in CI.
 NetNS = NetworkNamespace
 
+# A real-style project run by tests/field/test_realsuite.py, never collected as part of this suite.
+collect_ignore = ["field/realsuite"]
+
 
 LISTENER_CHILD = (
     "import socket, sys, time\ns = socket.create_server((sys.argv[1], 0))\n"

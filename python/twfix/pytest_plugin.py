@@ -25,8 +25,8 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import importlib
-import importlib.util
+import importlib.abc
+import importlib.machinery
 import os
 import re
 import socket
@@ -149,7 +149,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for module, name, original in config.stash.get(_ROUTED_KEY, []):
         setattr(module, name, original)
-    config.stash[_ROUTED_KEY] = []
+    if _ROUTED_KEY in config.stash:
+        del config.stash[_ROUTED_KEY]
     pool = config.stash.get(_POOL_KEY, None)
     if pool is not None:
         pool.close()
@@ -316,34 +317,83 @@ _SESSION_PORTS_KEY: Final = pytest.StashKey["_Ports"]()
 
 
 def _route_helpers(config: pytest.Config) -> None:
-    if config.stash.get(_ROUTED_KEY, []):
+    """Route each helper now if its module is imported, else the moment it is (importing aiohttp alone
+    costs about 0.2 s per process, so nothing is imported on the suite's behalf)."""
+    if _ROUTED_KEY in config.stash:
         return
     routed: list[tuple[types.ModuleType, str, Any]] = []
-    for module_name, function in _HELPERS:
-        if importlib.util.find_spec(module_name.partition(".")[0]) is None:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        original = getattr(module, function, None)
-        if original is None:
-            continue
+    config.stash[_ROUTED_KEY] = routed
 
-        def routed_helper(*_args: Any, _config: pytest.Config = config, **_kwargs: Any) -> int:
+    def route(module: types.ModuleType) -> None:
+        function = dict(_HELPERS)[module.__name__]
+        original = getattr(module, function, None)
+        if original is None or getattr(original, "_twfix_routed", False):
+            return
+
+        def routed_helper(*_args: Any, **_kwargs: Any) -> int:
             log = _current
             if log is not None and log.ports is not None:
                 return log.ports("tcp")
-            ports = _config.stash.get(_SESSION_PORTS_KEY, None)
+            ports = config.stash.get(_SESSION_PORTS_KEY, None)
             if ports is None:
-                ports = _config.stash[_SESSION_PORTS_KEY] = _Ports(_pool(_config), _config_hold(_config))
+                ports = config.stash[_SESSION_PORTS_KEY] = _Ports(_pool(config), _config_hold(config))
             return ports("tcp")
 
         routed_helper.__name__ = function
-        routed_helper.__doc__ = f"{module_name}.{function}, routed to twfix's port pool by --twfix-ports."
+        routed_helper.__doc__ = f"{module.__name__}.{function}, routed to twfix's port pool by --twfix-ports."
+        routed_helper._twfix_routed = True  # type: ignore[attr-defined]
         setattr(module, function, routed_helper)
         routed.append((module, function, original))
-    config.stash[_ROUTED_KEY] = routed
+
+    waiting: dict[str, Callable[[types.ModuleType], None]] = {}
+    for module_name, _function in _HELPERS:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            route(module)
+        else:
+            waiting[module_name] = route
+    if waiting:
+        finder = _RouteOnImport(waiting)
+        sys.meta_path.insert(0, finder)
+        config.add_cleanup(lambda: sys.meta_path.remove(finder) if finder in sys.meta_path else None)
+
+
+class _RouteOnImport(importlib.abc.MetaPathFinder):
+    """Calls ``then(module)`` right after one of the named modules is first executed."""
+
+    def __init__(self, waiting: dict[str, Callable[[types.ModuleType], None]]) -> None:
+        self.waiting = waiting
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        then = self.waiting.get(fullname)
+        if then is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _ThenLoader(spec.loader, then)
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
+class _ThenLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, then: Callable[[types.ModuleType], None]) -> None:
+        self._loader = loader
+        self._then = then
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._then(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
 
 
 def _config_hold(config: pytest.Config) -> bool:
