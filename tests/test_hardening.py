@@ -20,7 +20,7 @@ import pytest
 
 import twfix
 from tests.conftest import NetNS, run_unprivileged
-from twfix import cli, sysctl, tune
+from twfix import _safefile, cli, sysctl, tune
 from twfix.errors import TwfixError
 
 NOBODY = 65534
@@ -121,16 +121,16 @@ def test_a_file_that_appears_during_the_write_is_put_back(
     """The window between "this file is ours" and the rename: a concurrent writer puts its own file there."""
     target = confdir / "99-twfix.conf"
     tune.write(plan, target)
-    real = tune._write_temp
+    real = _safefile.write_temp
 
-    def racing(dir_fd: int, name: str, data: bytes) -> str:
-        tmp = real(dir_fd, name, data)
+    def racing(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> str:
+        tmp = real(dir_fd, name, data, mode)
         foreign = confdir / "foreign.tmp"
         foreign.write_text("net.core.somaxconn = 1024\n")
         os.replace(foreign, target)  # the other writer wins the race to the name
         return tmp
 
-    monkeypatch.setattr(tune, "_write_temp", racing)
+    monkeypatch.setattr(_safefile, "write_temp", racing)
     with pytest.raises(FileExistsError, match="not written by twfix"):
         tune.write(plan, target)
     assert target.read_text() == "net.core.somaxconn = 1024\n"  # put back, not replaced

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import re
 import socket
 from typing import Final
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_host",
     "check_kind",
     "check_port",
+    "check_seconds",
     "check_timeout",
     "namespace_path",
     "parse_literal",
@@ -37,6 +39,9 @@ Resolved = tuple[int, str, int]
 FAMILY_NAMES: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 # listen() takes a C int; larger values mean "as many as the kernel allows" (it caps at somaxconn).
 MAX_BACKLOG: Final = 2**31 - 1
+# The longest wait twfix accepts: socket timeouts, sleeps and deadlines all overflow the platform's time_t
+# (an OverflowError from the stdlib) somewhere above 9e9 s; 1e9 s (about 31 years) is "forever" anyway.
+MAX_SECONDS: Final = 1e9
 # Counts such as ``top=`` are clamped here: no table has more distinct entries.
 MAX_COUNT: Final = 2**32
 # Resolution failures that say nothing about the argument: the caller may retry (stdlib gaierror kept).
@@ -57,15 +62,24 @@ def check_port(port: object, name: str = "port") -> int:
 def check_timeout(timeout: object, name: str = "timeout") -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+    return check_seconds(timeout, name, none_hint=" (None blocks)")
+
+
+def check_seconds(value: object, name: str, *, none_hint: str = "") -> float:
+    """A finite, non-negative number of seconds no larger than :data:`MAX_SECONDS`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a number of seconds{' or None' if none_hint else ''}, not {type(value).__name__}"
+        )
     try:
-        value = float(timeout)
+        seconds = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be a finite number of seconds, got {timeout!r}") from None
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite, non-negative number of seconds (None blocks), got {timeout!r}")
-    return value
+        seconds = math.inf
+    if math.isnan(seconds) or seconds < 0 or math.isinf(seconds):
+        raise ValueError(f"{name} must be a finite, non-negative number of seconds{none_hint}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds (about 31 years){none_hint}, got {value!r}")
+    return seconds
 
 
 def check_host(host: object, name: str = "host") -> str:
@@ -73,6 +87,12 @@ def check_host(host: object, name: str = "host") -> str:
         raise TypeError(f"{name} must be a str, not {type(host).__name__}")
     if "\0" in host:
         raise ValueError(f"{name} must not contain NUL characters")
+    try:
+        host.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{name} {host!r} is not valid text (it holds a lone surrogate, as undecodable bytes give)"
+        ) from None
     return host
 
 
@@ -154,12 +174,20 @@ def cached_literal(host: str, family: int | None) -> Resolved | None:
     return _LITERALS.get((host, family))
 
 
+# What inet_aton (and so getaddrinfo) takes as an IPv4 address besides dotted quads: 1 to 4 parts, each
+# decimal, octal (leading 0) or hex (0x): "1.2.3" is 1.2.0.3, "0x7f.1" is 127.0.0.1, "2130706433" too.
+_LOOSE_IPV4: Final = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+)){0,3}\.?")
+
+
 def parse_literal(host: str, family: int | None, name: str = "host") -> Resolved | None:
     """``host`` as an IP literal ("" and "*" are the wildcard of ``family``), or None for a name."""
     if host == "" or host == "*":
         if family == socket.AF_INET6:
             return socket.AF_INET6, "::", 0
         return socket.AF_INET, "0.0.0.0", 0
+    if not host.isascii():
+        check_host(host, name)  # a name (IDN), unless it cannot even be encoded
+        return None
     if "%" in host or "\0" in host:
         return None  # scoped IPv6 literals go through getaddrinfo, which knows interface names
     # inet_pton is strict (no "1.2.3", no octal), unlike inet_aton.
@@ -167,6 +195,11 @@ def parse_literal(host: str, family: int | None, name: str = "host") -> Resolved
     try:
         socket.inet_pton(candidate, host)
     except OSError:
+        if _LOOSE_IPV4.fullmatch(host):
+            raise ValueError(
+                f"{name} {host!r} is a shorthand IPv4 form (inet_aton's: fewer parts, hex or octal) that names "
+                "another address than it seems; write the four decimal parts"
+            ) from None
         return None
     if family is not None and family != candidate:
         raise ValueError(

@@ -157,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
         help="namespaces (busiest by TIME-WAIT) that get a full table walk (1); the rest get counters",
     )
     p.add_argument("--budget", type=float, default=10.0, metavar="S", help="seconds a collection may take (10)")
+    p.add_argument(
+        "--max-netns",
+        type=int,
+        default=200,
+        metavar="N",
+        help="namespaces per scrape, busiest first (200); the rest are counted in twfix_netns_truncated",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--textfile", metavar="PATH", help="write atomically for node_exporter's textfile collector")
     out.add_argument("--serve", metavar="[HOST:]PORT", help="serve /metrics (HOST defaults to 127.0.0.1)")
@@ -179,10 +186,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _port_arg(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from None
+    if not (text.isascii() and text.isdigit()):  # int() also takes "٨٠" (Arabic-Indic 80) and " 80"
+        raise argparse.ArgumentTypeError(f"port must be a number in 0..65535 (ASCII digits), got {printable(text)!r}")
+    value = int(text, 10)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
     return value
@@ -236,7 +242,7 @@ def _busiest(detail: int) -> list[tuple[netns.NetNamespace, netns.TcpCounters]]:
         raise ValueError(f"--detail must be >= 0, got {detail}")
     counted = []
     for ns in netns.namespaces():
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile, or no longer a namespace
             counted.append((ns, netns.counters(ns)))
     return sorted(counted, key=lambda pair: -(pair[1].time_wait + pair[1].inuse))
 
@@ -247,6 +253,19 @@ def _namespace_table(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]]
         who = f"{ns.pids[0]}/{printable(ns.program)}" if ns.pids else ""
         rows.append([printable(ns.label), who, str(c.inuse), str(c.time_wait), ns.container[:12]])
     _table(rows, out)
+    for bad in netns.bad_entries():
+        _write(out, f"note: /run/netns/{bad.name} skipped: {bad.reason}")
+
+
+def _per_namespace(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]], read: Any, out: TextIO) -> list[Any]:
+    """``read(ns)`` for each namespace; one that vanished meanwhile is noted and skipped."""
+    results = []
+    for ns, _c in counted:
+        try:
+            results.append((ns, read(ns)))
+        except (OSError, ValueError) as exc:
+            _write(out, f"note: {printable(ns.label)} could not be read (gone meanwhile?): {printable(exc)}")
+    return results
 
 
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
@@ -254,12 +273,13 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         counted = _busiest(args.detail)
         child = sysctl.read(["net.ipv4.tcp_child_ehash_entries"])["net.ipv4.tcp_child_ehash_entries"].value
         host_findings = namespace_findings(counted, child if isinstance(child, int) else None)
-        reports = [(ns, doctor(root=args.root, netns=ns.path)) for ns, _c in counted[: args.detail]]
+        reports = _per_namespace(counted[: args.detail], lambda ns: doctor(root=args.root, netns=ns.path), sys.stderr)
         if args.json:
             _dump(
                 {
                     "namespaces": [{"netns": ns.inode, "name": ns.name, **r.to_dict()} for ns, r in reports],
                     "host": [f.to_dict() for f in host_findings],
+                    "skipped": [{"name": b.name, "reason": b.reason} for b in netns.bad_entries()],
                 },
                 out,
             )
@@ -299,9 +319,11 @@ def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
             _dump(rows, out)
             return 0
         _namespace_table(counted, out)
-        for ns, _c in counted[: args.detail]:
+        kind = "udp" if args.udp else "tcp"
+        read = lambda ns: diag.summary(kind, top=args.top, netns=ns.path)  # noqa: E731
+        for ns, summary in _per_namespace(counted[: args.detail], read, out):
             out.write(f"\n== {printable(ns.label)}\n")
-            _print_summary(diag.summary("udp" if args.udp else "tcp", top=args.top, netns=ns.path), args.top, out)
+            _print_summary(summary, args.top, out)
         return 0
     s = diag.summary("udp" if args.udp else "tcp", top=args.top, **_ns(args))
     if args.json:
@@ -489,20 +511,26 @@ def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
         "detail": args.detail,
         "budget": args.budget,
         "root": args.root,
+        "max_netns": args.max_netns,
     }
     if args.textfile is not None:
         metrics.write_textfile(args.textfile, **options)
         return 0
     if args.serve is not None:
         host, _, port = args.serve.rpartition(":")
-        server = metrics.serve(host.strip("[]") or "127.0.0.1", _port_arg(port), **options)
-        out.write(f"serving /metrics on {args.serve if host else '127.0.0.1:' + port}\n")
+        try:
+            number = _port_arg(port)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--serve {printable(args.serve)!r}: {exc}") from None
+        server = metrics.serve(host.strip("[]") or "127.0.0.1", number, **options)
+        shown = host.strip("[]") or "127.0.0.1"
+        out.write(f"serving /metrics on {diag.format_endpoint(shown, server.server_port)}\n")
         out.flush()
         try:
             while True:
                 time.sleep(3600)
         finally:
-            server.shutdown()  # type: ignore[attr-defined]
+            server.shutdown()
     out.write(metrics.exposition(**options))
     return 0
 

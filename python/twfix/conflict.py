@@ -168,6 +168,32 @@ def _probe(kind: str, family: int, ip: str, port: int, flags: int, ns: str | Non
     return _twfix.probe_bind(family, sotype, ip, port, flags, ns)
 
 
+_CAP_NET_BIND_SERVICE: Final = 10
+
+
+def _can_bind_privileged() -> bool:
+    """Whether this process may bind ports below ip_unprivileged_port_start (CAP_NET_BIND_SERVICE)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_BIND_SERVICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _udp_free(family: int, ip: str, port: int, flags: int, unprivileged: int, ns: str | None) -> int:
+    """What a plain UDP bind of a port no socket covers would get (0, EACCES or EADDRNOTAVAIL), without
+    binding that port: privilege from the capability and the namespace's ip_unprivileged_port_start,
+    whether the address is local from a bind of port 0 on it with IP_BIND_ADDRESS_NO_PORT (the kernel checks
+    the address and takes no port: a plain bind(0) would take a random one, and a service restarting on an
+    ephemeral port lost it to such probes about once in a hundred, measured)."""
+    if 0 < port < unprivileged and not _can_bind_privileged():
+        return errno.EACCES
+    return _probe("udp", family, ip, 0, flags | _twfix.F_BIND_NO_PORT, ns)
+
+
 def _is_wildcard(ip: str) -> bool:
     return ip in ("0.0.0.0", "::", "::ffff:0.0.0.0")
 
@@ -249,8 +275,15 @@ def _analyse(
     if port == 0:
         where = f"{format_endpoint(ip, port)}/{kind}"
         return Explanation(kind, host, address, f"{where}: port 0 asks the kernel for any free port", True, True)
-    plain = _probe(kind, family, ip, port, base, ns)
     ports, unprivileged = _port_settings(ns)
+    rows: list[SocketEntry] | None = None
+    if kind == "udp":
+        # Never bind the port itself: a UDP service restarting at that instant would find it taken. The
+        # table says whether a socket covers the address; only what it cannot tell is asked of the kernel.
+        rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
+        plain = errno.EADDRINUSE if rows else _udp_free(family, ip, port, base, unprivileged, ns)
+    else:
+        plain = _probe(kind, family, ip, port, base, ns)
     facts = _Facts(kind, host, family, ip, port, dualstack, plain, None, ports, unprivileged)
     if plain == errno.EACCES:
         return _explain_privileged(facts)
@@ -270,7 +303,8 @@ def _analyse(
             facts.listeners, facts.note = _holders(live, kind, port)
             facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
             return _explain_listener(facts)
-    rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
+    if rows is None:
+        rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
     facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
     facts.orphan_entries = [e for e in rows if e.inode == 0 and e.state in _ORPHAN_STATES - {TcpState.TIME_WAIT}]
     others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port)
@@ -280,10 +314,12 @@ def _analyse(
     # UDP: binding a probe with SO_REUSEPORT next to a live socket would join its reuseport group and
     # take some of its datagrams. There the holders' own options are read instead (a duplicate of their
     # descriptor), and the kernel's rule applied to them.
-    if kind == "tcp" or not facts.listeners:
+    if kind == "tcp":
         facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
+    elif plain != errno.EADDRINUSE:
+        facts.reuse = plain  # nothing on the port: the options change nothing
     else:
-        facts.reuse = _udp_reuse_by_reading(facts.listeners, reuse_flags)
+        facts.reuse = _udp_reuse_by_reading([*facts.listeners, *facts.connections], reuse_flags)
     if plain == 0:
         return _explain_free(facts, elsewhere and ns is None)
     if facts.listeners:
@@ -595,8 +631,8 @@ def _listeners_elsewhere(f: _Facts) -> tuple[NamespaceHolder, ...]:
     for ns in netns.namespaces(include_own=False):
         try:
             entries = netns.port_listeners(f.kind, f.port, ns)
-        except OSError:
-            continue
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or replaced by something that is no namespace
         for family, ip, port in entries:
             if family == f.family or f.dualstack:
                 found.append(NamespaceHolder(ns.label, (ip, port), ns.pids))

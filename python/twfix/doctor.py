@@ -645,7 +645,7 @@ def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
             yield Finding(
                 "CONF-BAD-VALUE",
                 Severity.WARNING,
-                f"{path}:{n} sets {key} to {value!r}, which is not a number",
+                f"{path}:{n} sets {key} to {value!r}, which is not a number the kernel accepts",
                 {"file": str(path), "line": n, "text": raw.strip()},
                 "fix the value: the kernel refuses it, so this line has no effect at boot",
             )

@@ -16,18 +16,26 @@ says so. Each scrape collects afresh; scrapes of the server run in their own thr
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import os
+import socket
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from twfix import _twfix, diag, netns, sysctl
+from twfix import _safefile, _twfix, diag, netns, sysctl
 from twfix._args import check_count
+from twfix._text import printable
 from twfix.doctor import doctor
 from twfix.netns import NetNamespace
 
@@ -68,10 +76,12 @@ class TwfixCollector(Collector):
         detail: int = 1,
         budget: float = 10.0,
         root: str = "/",
+        max_netns: int = 200,
     ) -> None:
         self.all_netns = all_netns
         self.top = check_count(top, "top")
         self.detail = check_count(detail, "detail")
+        self.max_netns = check_count(max_netns, "max_netns")
         if not budget > 0:
             raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
         self.budget = float(budget)
@@ -84,13 +94,18 @@ class TwfixCollector(Collector):
         start = time.monotonic()
         spaces = netns.namespaces() if self.all_netns else [netns.current()]
         counted = []
+        vanished = 0
         for ns in spaces:
             try:
                 counted.append((ns, netns.counters(ns)))
-            except OSError:
-                continue  # exited meanwhile, or not ours to enter
+            except (OSError, ValueError):
+                vanished += 1  # exited meanwhile, not ours to enter, or replaced by something else
+        # Any local user can add namespaces: the series per scrape are capped, the busiest kept.
+        counted.sort(key=lambda pair: -(pair[1].time_wait + pair[1].inuse))
+        dropped = max(0, len(counted) - self.max_netns)
+        counted = counted[: self.max_netns]
         yield from self._counters(counted)
-        busiest = sorted(counted, key=lambda pair: -pair[1].time_wait)[: max(self.detail, 0 if self.all_netns else 1)]
+        busiest = counted[: max(self.detail, 0 if self.all_netns else 1)]
         details = []
         truncated = False
         for ns, counts in busiest:
@@ -99,10 +114,30 @@ class TwfixCollector(Collector):
                 break
             try:
                 details.append(self._detail(ns, counts))
-            except OSError:
+            except (OSError, ValueError):
+                vanished += 1
                 continue
         yield from self._details(details)
-        yield _gauge("twfix_namespaces", "Network namespaces seen by this scrape.", [], [((), len(counted))])
+        yield _gauge("twfix_namespaces", "Network namespaces seen by this scrape.", [], [((), len(counted) + dropped)])
+        yield _gauge(
+            "twfix_netns_truncated",
+            "Namespaces left out of this scrape by the series cap (max_netns; the busiest are kept).",
+            [],
+            [((), dropped)],
+        )
+        yield _gauge(
+            "twfix_netns_unreadable",
+            "Namespaces that could not be read in this scrape (gone meanwhile, or not enterable).",
+            [],
+            [((), vanished)],
+        )
+        if self.all_netns:
+            yield _gauge(
+                "twfix_netns_bad_entries",
+                "Entries of /run/netns that are no network namespace (left by removed ones): skipped.",
+                [],
+                [((), len(netns.bad_entries()))],
+            )
         yield _gauge(
             "twfix_collect_truncated",
             "1 when the collection budget ran out before every detailed namespace was read.",
@@ -145,7 +180,7 @@ class TwfixCollector(Collector):
         for ns, counts in counted:
             labels = _ns_labels(ns)
             pid = str(ns.pids[0]) if ns.pids else ""
-            info.add_metric([*labels, pid, ns.program, ns.container], 1)
+            info.add_metric([*labels, pid, printable(ns.program), ns.container], 1)
             inuse.add_metric(labels, counts.inuse)
             tw.add_metric(labels, counts.time_wait)
         yield from (info, inuse, tw)
@@ -223,7 +258,7 @@ class TwfixCollector(Collector):
 
 
 def _ns_labels(ns: NetNamespace) -> list[str]:
-    return [str(ns.inode), ns.name or ""]
+    return [str(ns.inode), printable(ns.name or "")]
 
 
 def _gauge(name: str, doc: str, labels: list[str], values: list[tuple[tuple[str, ...], float]]) -> GaugeMetricFamily:
@@ -251,13 +286,106 @@ def exposition(**options: object) -> str:
     return generate_latest(registry(**options)).decode()
 
 
+MARKER: Final = "# Written by twfix metrics."
+# A textfile for node_exporter: a few MB with hundreds of namespaces; anything larger is not twfix's.
+_MAX_TEXTFILE: Final = 256 << 20
+
+
 def write_textfile(path: str | os.PathLike[str], **options: object) -> None:
-    """Write the metrics atomically for node_exporter's textfile collector (a temporary file, then rename)."""
-    write_to_textfile(os.fspath(path), registry(**options))
+    """Write the metrics for node_exporter's textfile collector, as ``tune --write`` writes (see
+    ``twfix._safefile``): a fresh temporary file in the directory, swapped in atomically, never through a
+    symbolic link, never replacing a file twfix metrics did not write, in no directory other users can
+    write. The first line is a comment naming the writer (the exposition format ignores it)."""
+    data = (MARKER + "\n" + exposition(**options)).encode()
+    _safefile.replace(
+        path,
+        data,
+        MARKER,
+        writer="twfix metrics",
+        example="/var/lib/node_exporter/twfix.prom",
+        keep_backup=False,
+        max_size=_MAX_TEXTFILE,
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 9647, **options: object) -> object:
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A WSGI server with a bounded number of connections, each held a bounded time.
+
+    prometheus_client's own server takes every connection on its own thread for as long as the client
+    likes: about 1,020 idle connections from any local user exhaust the usual descriptor limit, and the
+    accept loop then spins. Here at most ``max_connections`` are open; when a new one arrives at the cap,
+    the oldest connection that has not yet sent a whole request is dropped (an idle or slow client), so
+    a scrape always gets in; and a silent connection is closed after ``idle_timeout`` seconds."""
+
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops SYNs (1 s retransmits) as soon as a burst arrives
+    max_connections = 64
+    idle_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: collections.OrderedDict[socket.socket, bool] = collections.OrderedDict()  # -> busy
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)  # out of descriptors: wait instead of spinning on the readable listener
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            if len(self._open) >= self.max_connections:
+                idle = next((s for s, busy in self._open.items() if not busy), None)
+                if idle is not None:
+                    del self._open[idle]
+                    with contextlib.suppress(OSError):
+                        idle.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+            if len(self._open) >= self.max_connections:
+                self.shutdown_request(request)  # every slot is serving a scrape
+                return
+            self._open[request] = False
+        super().process_request(request, client_address)
+
+    def mark_busy(self, request: socket.socket) -> None:
+        with self._open_lock:
+            if request in self._open:
+                self._open[request] = True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a dropped or timed-out client is no error of the exporter
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = _BoundedServer.idle_timeout  # applied to every read of the connection
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok and isinstance(self.server, _BoundedServer):
+            self.server.mark_busy(self.connection)
+        return ok
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(host: str = "127.0.0.1", port: int = 9647, **options: object) -> WSGIServer:
     """Serve ``/metrics`` on ``host:port`` (loopback by default) from a background thread; every scrape
-    collects afresh in its own thread, so one scrape never blocks another. Returns the server."""
-    server, _thread = start_http_server(port, addr=host, registry=registry(**options))
+    collects afresh in its own thread, at most 64 connections are open at once (idle ones are dropped
+    first, and closed after 10 s of silence). Returns the server (``server.server_port``,
+    ``server.shutdown()``)."""
+
+    class Server(_BoundedServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, port), _Handler)
+    server.set_app(make_wsgi_app(registry(**options)))
+    threading.Thread(target=server.serve_forever, daemon=True, name="twfix-metrics").start()
     return server

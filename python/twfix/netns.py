@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Final
 
 from twfix import _twfix
+from twfix._text import printable
 
 __all__ = [
+    "BadEntry",
     "NetNamespace",
     "TcpCounters",
+    "bad_entries",
     "counters",
     "current",
     "current_inode",
@@ -130,19 +134,52 @@ def current_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def namespaces(*, include_own: bool = True) -> list[NetNamespace]:
-    """Every network namespace this process can see, named ones first, then by inode."""
+_RUN_NETNS: Final = "/run/netns"
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    """An entry of ``/run/netns`` that is not a network namespace (skipped): ``name`` is escaped."""
+
+    name: str
+    reason: str
+
+
+def _scan_run_netns() -> tuple[dict[int, tuple[str, str]], list[BadEntry]]:
+    """The named namespaces of /run/netns by inode (name, path), and the entries that are none: an
+    empty file left by a removed namespace (``ip netns`` and CNI plugins leave them), a FIFO, a
+    directory. A namespace is a file of nsfs, the filesystem of ``/proc/self/ns/net``; nothing is opened."""
     names: dict[int, tuple[str, str]] = {}
+    bad: list[BadEntry] = []
     try:
-        entries = sorted(os.listdir("/run/netns"))
+        entries = sorted(os.listdir(_RUN_NETNS))
+        nsfs = os.stat("/proc/self/ns/net").st_dev
     except OSError:
-        entries = []
+        return names, bad
     for name in entries:
-        path = os.path.join("/run/netns", name)
+        path = os.path.join(_RUN_NETNS, name)
         try:
-            names.setdefault(os.stat(path).st_ino, (name, path))
-        except OSError:
+            st = os.stat(path)
+        except OSError as exc:
+            bad.append(BadEntry(printable(name), f"cannot be examined: {exc.strerror}"))
             continue
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != nsfs:
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a file"
+            bad.append(BadEntry(printable(name), f"{what}, not a mounted namespace (left by a removed one?)"))
+            continue
+        names.setdefault(st.st_ino, (printable(name), path))
+    return names, bad
+
+
+def bad_entries() -> list[BadEntry]:
+    """The entries of /run/netns that :func:`namespaces` skipped because they are no namespace."""
+    return _scan_run_netns()[1]
+
+
+def namespaces(*, include_own: bool = True) -> list[NetNamespace]:
+    """Every network namespace this process can see, named ones first, then by inode. Entries of
+    /run/netns that are no namespace are skipped (:func:`bad_entries` lists them); names are escaped."""
+    names, _bad = _scan_run_netns()
     pids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -351,7 +351,8 @@ def _key(name: object) -> str:
     return _twfix.sysctl_key(name)[0]
 
 
-_INT: Final = re.compile(r"-?[0-9]+", re.ASCII)
+# At most 20 digits: the widest integer a knob holds (u64); longer text is no number the kernel accepts.
+_INT: Final = re.compile(r"-?[0-9]{1,20}", re.ASCII)
 _PORTS: Final = re.compile(r"[0-9]+(?:-[0-9]+)?", re.ASCII)
 
 

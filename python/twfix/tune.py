@@ -7,16 +7,12 @@ Nothing is written or changed unless :func:`write` or :func:`apply` is called.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from twfix import _twfix, sysctl
+from twfix import _safefile, _twfix, sysctl
 from twfix.doctor import Change, doctor
 from twfix.errors import TwfixError
 
@@ -71,120 +67,14 @@ def plan(
     return Plan(tuple(changes.values()))
 
 
-# A snippet twfix writes is a few hundred bytes; nothing larger is read back to check who wrote it.
-_MAX_FILE: Final = 64 * 1024
-
-
 def write(p: Plan, path: str | os.PathLike[str]) -> Written:
-    """Write the snippet atomically, never replacing a file twfix did not write.
-
-    Every step works relative to a descriptor of the target's directory: the new text goes to a fresh
-    temporary file (``O_EXCL``, mode set on the descriptor, fsync), which is then swapped with the target
-    (``renameat2(RENAME_EXCHANGE)``); what was displaced is checked, and put back unless twfix wrote it.
-    So a file that appears between a check and the rename is never lost. The previous version of a file
-    twfix wrote is kept as ``PATH.bak`` under the same rule. Only regular files of at most 64 KiB are
-    read, never through a symbolic link, and a directory that another non-root user can write is refused.
-    """
-    shown = os.fspath(path)
-    if not isinstance(shown, str):
-        raise TypeError(f"path must be a str or os.PathLike[str], not {type(shown).__name__}")
-    if not shown:
-        raise ValueError("the path to write is empty; give a file such as /etc/sysctl.d/99-twfix.conf")
-    parent, name = os.path.split(shown)
-    if name in ("", ".", ".."):
-        raise IsADirectoryError(f"{shown!r} names a directory; give a file such as {shown.rstrip('/')}/99-twfix.conf")
-    dir_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _check_directory(dir_fd, parent or ".")
-        if _read_own(dir_fd, name, shown) is not None:  # fail early; the swap below checks again
-            _read_own(dir_fd, name + ".bak", shown + ".bak")
-        tmp = _write_temp(dir_fd, name, p.snippet().encode())
-        try:
-            displaced = _install(dir_fd, tmp, name, shown)
-            backup: Path | None = None
-            if displaced:  # tmp now holds the previous version, which twfix wrote
-                backup = Path(shown + ".bak")
-                _install(dir_fd, tmp, name + ".bak", str(backup), keep_displaced=False)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return Written(Path(shown), backup)
-
-
-def _check_directory(dir_fd: int, shown: str) -> None:
-    st = os.fstat(dir_fd)
-    if st.st_uid not in (0, os.geteuid()):
-        raise PermissionError(f"{shown} belongs to uid {st.st_uid}, who could swap files under twfix; refusing")
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
-        raise PermissionError(f"{shown} is writable by other users, who could swap files under twfix; refusing")
-
-
-def _read_own(dir_fd: int, name: str, shown: str) -> bytes | None:
-    """The content of ``name`` if twfix wrote it, None if there is no such file; raises otherwise
-    (a foreign file, a link, a FIFO, a device, a directory, a file too large to be a snippet)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise FileExistsError(f"{shown} is a symbolic link; refusing to write through it") from None
-        raise TwfixError(f"cannot open {shown} to check who wrote it: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"{shown} is a directory; give a file inside it, such as {shown}/99-twfix.conf")
-        if not stat.S_ISREG(st.st_mode):
-            raise FileExistsError(f"{shown} is not a regular file; refusing to replace it")
-        if st.st_size > _MAX_FILE:
-            raise FileExistsError(f"{shown} is larger than any file twfix writes; refusing to replace it")
-        data = os.read(fd, _MAX_FILE + 1)
-    finally:
-        os.close(fd)
-    if data.split(b"\n", 1)[0] != MARKER.encode():
-        raise FileExistsError(f"{shown} exists and was not written by twfix tune; refusing to replace it")
-    return data
-
-
-def _write_temp(dir_fd: int, name: str, data: bytes) -> str:
-    tmp = f".{name}.twfix-{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        os.fchmod(fd, 0o644)  # on the descriptor: no path anyone could swap
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp, dir_fd=dir_fd)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _install(dir_fd: int, src: str, dst: str, shown: str, *, keep_displaced: bool = True) -> bool:
-    """Move ``src`` to ``dst``. When ``dst`` exists the two are exchanged atomically and the displaced
-    file (now at ``src``) is checked: twfix's own stays there (``keep_displaced``) or is removed;
-    anything else is exchanged back and FileExistsError raised. Returns whether a file was displaced."""
-    try:
-        _twfix.rename_at(dir_fd, src, dst)
-        return False
-    except FileExistsError:
-        pass
-    _twfix.rename_at(dir_fd, src, dst, exchange=True)
-    try:
-        _read_own(dir_fd, src, shown)
-    except (OSError, TwfixError):
-        _twfix.rename_at(dir_fd, src, dst, exchange=True)  # put the foreign file back where it was
-        raise
-    if not keep_displaced:
-        os.unlink(src, dir_fd=dir_fd)
-    return True
+    """Write the snippet atomically, never replacing a file twfix did not write (see
+    :func:`twfix._safefile.replace`); the previous version of a file twfix wrote is kept as ``PATH.bak``.
+    Load it now with ``sysctl -p PATH`` (at boot, systemd-sysctl reads /etc/sysctl.d)."""
+    target, backup = _safefile.replace(
+        path, p.snippet().encode(), MARKER, writer="twfix tune", example="/etc/sysctl.d/99-twfix.conf", keep_backup=True
+    )
+    return Written(target, backup)
 
 
 def apply(p: Plan) -> list[Change]:

@@ -6,7 +6,6 @@ Ctrl-C stops the watch and keeps what it has; ``.plot()`` draws it with matplotl
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twfix import diag
-from twfix._args import check_count, namespace_path
+from twfix._args import check_count, check_seconds, namespace_path
 from twfix._html import table
 
 __all__ = ["Sample", "Watch", "watch"]
@@ -128,9 +127,8 @@ def watch(
 ) -> Watch:
     """Sample the socket table every ``interval`` seconds for ``duration`` seconds (Ctrl-C stops early
     and keeps the samples). ``progress=None`` shows a bar when tqdm is installed; False never."""
-    for name, value in (("interval", interval), ("duration", duration)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite, non-negative number of seconds, got {value!r}")
+    interval = check_seconds(interval, "interval")
+    duration = check_seconds(duration, "duration")
     if interval <= 0:
         raise ValueError("interval must be above 0 seconds")
     top = check_count(top, "top")
