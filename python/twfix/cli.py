@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _port_arg(text: str) -> int:
     if not (text.isascii() and text.isdigit()):  # int() also takes "٨٠" (Arabic-Indic 80) and " 80"
-        raise argparse.ArgumentTypeError(f"port must be a number in 0..65535 (ASCII digits), got {printable(text)!r}")
+        raise argparse.ArgumentTypeError(f"port must be an integer in 0..65535 (ASCII digits), got {printable(text)!r}")
     value = int(text, 10)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
