@@ -272,9 +272,12 @@ def test_client_side_time_wait_is_told_apart(netns: NetNS) -> None:
         assert src % 2 == 0  # connect() takes the range's even ports first
         why = twfix.explain(src, "127.0.0.1")
         assert why.cause == "time-wait-client", why
-        assert why.confidence == "likely"
+        assert why.confidence == "certain"  # the peer, 127.0.0.1:8080, is a live listener here
         assert "did not set SO_REUSEADDR" not in str(why)
         assert any("ip_local_reserved_ports" in a for a in why.advice)
+    why = twfix.explain(src, "127.0.0.1")  # the server is gone: only the range and the parities tell
+    assert why.cause == "time-wait-client", why
+    assert why.confidence == "likely"
     # The contrast: a server's own TIME-WAIT on a port outside the range.
     old, port = listener_without_reuseaddr()
     with old:

@@ -27,7 +27,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import twfix
 from twfix import diag, netns, sysctl, tune
@@ -180,6 +180,14 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="PATH", help="write the snippet to PATH atomically")
     group.add_argument("--apply", action="store_true", help="set the values now (root only)")
+    p.add_argument(
+        "--reserve",
+        nargs="+",
+        type=_reserve_arg,
+        metavar="PORT",
+        help="also reserve these ports (or 'all' listeners the plan leaves out as kernel-chosen) in "
+        "ip_local_reserved_ports",
+    )
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
     _namespace_options(p)
     return parser
@@ -192,6 +200,10 @@ def _port_arg(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
     return value
+
+
+def _reserve_arg(text: str) -> int | str:
+    return "all" if text == "all" else _port_arg(text)
 
 
 def _ip_arg(text: str) -> str:
@@ -553,7 +565,14 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
     if args.apply and (args.netns or args.pid):
         raise ValueError("--apply sets knobs in this namespace only; run it inside the other one (nsenter)")
-    plan = tune.plan(root=args.root, **_ns(args))
+    reserve: list[int] | Literal["all"] = []
+    if args.reserve and "all" in args.reserve:
+        if len(args.reserve) > 1:
+            raise ValueError("--reserve takes port numbers or the single word 'all', not both")
+        reserve = "all"
+    elif args.reserve:
+        reserve = list(args.reserve)
+    plan = tune.plan(root=args.root, reserve=reserve, **_ns(args))
     if args.write is not None:
         written = tune.write(plan, args.write)
         out.write(
@@ -568,7 +587,7 @@ def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
             before, after = sysctl.render(change.before), sysctl.render(change.after)
             out.write(f"changed {change.name} from {before} to {after}\n")
         return 0
-    if not plan.changes:
+    if not plan.changes and not plan.left_out:
         out.write("# nothing to change: the running values are fine\n")
         return 0
     out.write(plan.snippet())

@@ -20,6 +20,7 @@ Kernel facts used (see the project's reference on Linux TIME-WAIT):
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import socket
@@ -259,6 +260,8 @@ class _Facts:
     time_wait: list[SocketEntry] = field(default_factory=list)
     orphan_entries: list[SocketEntry] = field(default_factory=list)
     note: str | None = None
+    ns: str | None = None
+    joins_group: bool = False  # TCP: a bind with SO_REUSEPORT would join the listeners' group
 
     @property
     def where(self) -> str:
@@ -284,7 +287,7 @@ def _analyse(
         plain = errno.EADDRINUSE if rows else _udp_free(family, ip, port, base, unprivileged, ns)
     else:
         plain = _probe(kind, family, ip, port, base, ns)
-    facts = _Facts(kind, host, family, ip, port, dualstack, plain, None, ports, unprivileged)
+    facts = _Facts(kind, host, family, ip, port, dualstack, plain, None, ports, unprivileged, ns=ns)
     if plain == errno.EACCES:
         return _explain_privileged(facts)
     if plain == errno.EADDRNOTAVAIL:
@@ -302,6 +305,8 @@ def _analyse(
         if live:
             facts.listeners, facts.note = _holders(live, kind, port)
             facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
+            # A bound, never-listening TCP socket takes no connection: probing the group is harmless.
+            facts.joins_group = _probe(kind, family, ip, port, base | _twfix.F_REUSE_PORT, ns) == 0
             return _explain_listener(facts)
     if rows is None:
         rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
@@ -323,6 +328,8 @@ def _analyse(
     if plain == 0:
         return _explain_free(facts, elsewhere and ns is None)
     if facts.listeners:
+        if kind == "tcp":
+            facts.joins_group = _probe(kind, family, ip, port, base | _twfix.F_REUSE_PORT, ns) == 0
         return _explain_listener(facts)
     if facts.orphans and not facts.connections:
         return _explain_orphans(facts)
@@ -433,7 +440,10 @@ def _explain_listener(f: _Facts) -> Explanation:
     first = f.listeners[0]
     noun = "listener" if f.kind == "tcp" else "socket"
     overlap = "" if first.laddr[0] == f.ip else f" (overlapping {format_endpoint(*first.laddr)})"
-    owner = _pids(first.processes) if first.processes else "its owner could not be seen"
+    members = list({p.pid: p for h in f.listeners for p in h.processes}.values())
+    owner = _pids(members) if members else "its owner could not be seen"
+    if len(f.listeners) > 1:
+        noun = f"{noun}s ({len(f.listeners)} sockets)"
     reasons = [h.describe() for h in f.listeners]
     advice = []
     if first.laddr[0] != f.ip:
@@ -450,7 +460,23 @@ def _explain_listener(f: _Facts) -> Explanation:
             f"every address of its family{'; ' + what if what else ''}, and {rule}"
         )
     opt = "SO_REUSEADDR" if f.kind == "tcp" else "SO_REUSEPORT"
-    if f.reuse == 0:
+    uids = sorted({h.uid for h in f.listeners if h.uid is not None})
+    group = (f.kind == "tcp" and f.joins_group) or (f.kind == "udp" and f.reuse == 0)
+    if group:
+        reasons.append(
+            f"the {len(f.listeners)} socket(s) form an SO_REUSEPORT group: every member set SO_REUSEPORT and runs as "
+            f"uid {', '.join(map(str, uids))}; a bind with reuse_port=True (SO_REUSEPORT) by the same effective "
+            "user joins it now, and the kernel then spreads "
+            + ("connections" if f.kind == "tcp" else "datagrams")
+            + " over every member"
+        )
+        advice.append(
+            f"pass reuse_port=True to join the group (same effective user, uid {', '.join(map(str, uids))}; the "
+            "option must be set on every member), only if sharing is what you want; otherwise stop "
+            + ("them" if len(members) > 1 else "it")
+            + " or choose another port"
+        )
+    elif f.reuse == 0:
         reasons.append("the holder set SO_REUSEPORT as well (same user), so a bind with it shares the port")
         advice.append("pass reuse_port=True only if you really want both to share the port (SO_REUSEPORT)")
     else:
@@ -470,9 +496,27 @@ def _explain_listener(f: _Facts) -> Explanation:
     )
 
 
+_RETRANSMITTING: Final = frozenset({TcpState.FIN_WAIT1, TcpState.CLOSING, TcpState.LAST_ACK})
+
+
+def _orphan_retries(ns: str | None) -> tuple[int | None, int | None]:
+    """(tcp_orphan_retries, the retransmissions the kernel allows an orphan): 0 means 8 for a peer that
+    still answers (tcp_orphan_retries() in net/ipv4/tcp_timer.c)."""
+    try:
+        value = sysctl.get("net.ipv4.tcp_orphan_retries", netns=ns)
+    except (OSError, LookupError):
+        return None, None
+    if not isinstance(value, int):
+        return None, None
+    return value, value or 8
+
+
 def _explain_orphans(f: _Facts) -> Explanation:
     states = sorted({h.state for h in f.orphans})
-    frees = _seconds(f.orphan_entries)
+    retransmitting = [e for e in f.orphan_entries if e.state in _RETRANSMITTING]
+    # FIN_WAIT2 and TIME-WAIT timers are the time left; a retransmitting orphan's timer is only the next
+    # retransmission, and how many more follow, each after twice the wait, is the kernel's to decide.
+    frees = None if retransmitting else _seconds(f.orphan_entries)
     reasons = [h.describe() for h in f.orphans]
     reasons.append(
         "orphans are connections of a socket that was closed (or whose process died) while the peer had not "
@@ -482,14 +526,28 @@ def _explain_orphans(f: _Facts) -> Explanation:
         reasons.append(
             "an orphaned FIN_WAIT2 lasts net.ipv4.tcp_fin_timeout (default 60 s): the one place where that knob matters"
         )
-    if {"FIN_WAIT1", "CLOSING", "LAST_ACK"} & set(states):
-        reasons.append(
-            "FIN_WAIT1, CLOSING and LAST_ACK orphans last until their FIN is acknowledged or the retransmissions "
-            "allowed by net.ipv4.tcp_orphan_retries run out"
+    secs = f" (about {frees:.0f} s left on the longest timer)" if frees is not None else ""
+    if retransmitting:
+        knob, allowed = _orphan_retries(f.ns)
+        made = max(e.retrans for e in retransmitting)
+        nxt = _seconds(retransmitting)
+        limit = (
+            f"the kernel gives up after {allowed} retransmissions (net.ipv4.tcp_orphan_retries={knob}"
+            f"{', which means 8' if knob == 0 else ''}); the furthest has made {made}, so at most "
+            f"{max(allowed - made, 0)} more follow"
+            if allowed is not None
+            else "the kernel gives up once the retransmissions net.ipv4.tcp_orphan_retries allows run out"
         )
+        reasons.append(
+            f"FIN_WAIT1, CLOSING and LAST_ACK orphans last until their FIN is acknowledged or {limit}; the next "
+            + (f"is due in {nxt:.1f} s" if nxt is not None else "is due when its timer fires")
+            + ", and each later one waits twice as long as the one before, up to 120 s (TCP_RTO_MAX). The wait "
+            "depends on the connection's round-trip timeout, which the socket table does not show, so the time "
+            "left cannot be known (lower tcp_orphan_retries to bound it)"
+        )
+        secs = " (until the kernel gives up retransmitting: no time can be promised)"
     if f.time_wait:
         reasons.append(f"{len(f.time_wait)} TIME-WAIT socket(s) also remain on the port")
-    secs = f" (about {frees:.0f} s left on the longest timer)" if frees is not None else ""
     if f.reuse == 0:
         verdict = (
             f"{f.where} is held only by {len(f.orphans)} orphaned connection(s) of a closed server; a bind with "
@@ -502,42 +560,92 @@ def _explain_orphans(f: _Facts) -> Explanation:
     return _build(f, "orphans", verdict, reasons=reasons, advice=advice, holders=f.orphans, frees_in=frees)
 
 
-def _client_side(f: _Facts) -> tuple[bool, str]:
-    """Did the TIME-WAITs on the port come from an outgoing connection that used it as its source port?
-    The kernel keeps no record of that; the port's role, the range and connect()'s parity tell."""
-    if f.ports is None or not f.ports.assigns(f.port):
-        return False, "likely"  # connect() never picks a port outside the range (unless bound by hand)
-    peers_outside = all(e.raddr is not None and not f.ports.assigns(e.raddr.port) for e in f.time_wait)
-    connect_parity = f.port % 2 == f.ports.low % 2
-    if peers_outside and connect_parity:
-        return True, "likely"
-    return False, "likely"
+def _client_side(f: _Facts) -> tuple[bool, str, str]:
+    """(client?, confidence, evidence): did the TIME-WAITs on the port come from an outgoing connection
+    that used it as its source port? The kernel keeps no record of that; the evidence, strongest first:
+    the peer endpoint is a live listener of this namespace (then this side certainly connected to it), the
+    port lies outside the ephemeral range (connect() never picks it), and the parities connect() and
+    bind(0) search first, for this port and the peer's."""
+    ports = f.ports
+    if ports is None or not ports.assigns(f.port):
+        return False, "likely", "the port lies outside the ephemeral range, so connect() never gave it out"
+    peers = sorted({(e.raddr.ip, e.raddr.port) for e in f.time_wait if e.raddr is not None})
+    own = {_unmap(e.laddr.ip) for e in f.time_wait}
+    for ip, port in peers:
+        peer_ip = _unmap(ip)
+        local = peer_ip in own or ipaddress.ip_address(peer_ip).is_loopback
+        for e in port_entries("tcp", port, [TcpState.LISTEN], f.ns):
+            # A wildcard listener covers the peer only if the peer address is this host's own.
+            if _unmap(e.laddr.ip) == peer_ip or (_is_wildcard(e.laddr.ip) and local):
+                where = format_endpoint(ip, port)
+                return True, "certain", f"the peer {where} is a live listener here: this side connected to it"
+    if not ports.connect_first(f.port):
+        return (
+            False,
+            "likely",
+            (
+                f"port {f.port} has the parity bind(0) takes first, not the one connect() takes first: most likely a "
+                "server's port chosen by the kernel"
+            ),
+        )
+    if all(not ports.assigns(p) for _ip, p in peers):
+        return (
+            True,
+            "likely",
+            (
+                f"port {f.port} has the parity connect() takes first, and every peer is on a port outside the range "
+                "(a service port)"
+            ),
+        )
+    if all(ports.bind_first(p) or not ports.assigns(p) for _ip, p in peers):
+        return (
+            True,
+            "likely",
+            (
+                f"port {f.port} has the parity connect() takes first, and the peers' ports the parity bind(0) takes "
+                "first (servers on kernel-chosen ports) or lie outside the range"
+            ),
+        )
+    return (
+        False,
+        "likely",
+        (
+            f"port {f.port} has the parity connect() takes first, but so do its peers: the side that closed first "
+            "cannot be told"
+        ),
+    )
 
 
 def _explain_time_wait(f: _Facts) -> Explanation:
     frees = _seconds(f.time_wait)
     secs = f"{frees:.0f}" if frees is not None else "60"
-    client, confidence = _client_side(f)
+    client, confidence, evidence = _client_side(f)
     peers = sorted({format_endpoint(*e.raddr) for e in f.time_wait if e.raddr})
     reasons: list[str] = []
     advice: list[str] = []
     tw_reuse = f.reuse == 0 if f.kind == "tcp" else None
     if client:
         assert f.ports is not None
+        sure = "" if confidence == "certain" else "most likely "
         verdict = (
-            f"{f.where} is blocked by {len(f.time_wait)} TIME-WAIT connection(s) of an outgoing connection that "
-            f"used port {f.port} as its source port; the port frees in about {secs} s"
+            f"{f.where} is blocked by {len(f.time_wait)} TIME-WAIT connection(s) {sure}left by an outgoing "
+            f"connection that used port {f.port} as its source port (to {', '.join(peers[:3])}); the port frees in "
+            f"about {secs} s"
         )
+        reasons.append(f"{evidence} ({confidence})")
         reasons.append(
-            f"port {f.port} lies in the ephemeral range {f.ports.low}-{f.ports.high} and has the parity connect() "
-            f"takes first, and the peer ({', '.join(peers[:3])}) is a server port: the side that closed first was "
-            "a client of this host"
+            f"port {f.port} lies in the ephemeral range {f.ports.low}-{f.ports.high}, from which connect() picks "
+            "source ports; the side that closes first keeps the TIME-WAIT, here the client"
         )
-        reasons.append("a client socket rarely sets SO_REUSEADDR, so its TIME-WAIT blocks even a reuse-enabled bind")
+        if f.reuse != 0:
+            reasons.append(
+                "a client socket rarely sets SO_REUSEADDR, so its TIME-WAIT blocks even a reuse-enabled bind: "
+                "SO_REUSEADDR on the server cannot help"
+            )
         advice.append(f"wait about {secs} s, or bind another port meanwhile")
         advice.append(
-            "keep service ports out of the ephemeral range: move the service below net.ipv4.ip_local_port_range, "
-            f"or add {f.port} to net.ipv4.ip_local_reserved_ports so that outgoing connections never take it"
+            f"reserve the port (add {f.port} to net.ipv4.ip_local_reserved_ports) so that outgoing connections never "
+            "take it, or give the service a port outside net.ipv4.ip_local_port_range"
         )
         return _build(
             f,
@@ -564,6 +672,7 @@ def _explain_time_wait(f: _Facts) -> Explanation:
             f"{f.where} is blocked by {len(f.time_wait)} TIME-WAIT connection(s) of a previous server that did not "
             f"set SO_REUSEADDR; the port frees in about {secs} s"
         )
+        reasons.append(f"{evidence} ({confidence})")
         reasons.append(
             "a TIME-WAIT socket only yields to a new bind if the old listener also had SO_REUSEADDR (the flag is "
             "inherited by its connections); this one did not, so even SO_REUSEADDR cannot bind now"

@@ -106,7 +106,8 @@ def format_endpoint(ip: str, port: int) -> str:
 class SocketEntry(NamedTuple):
     """One socket (psutil-like): ``expires`` is the seconds left on its timer, or None; ``v6only`` is the
     ``IPV6_V6ONLY`` flag of an IPv6 listening or unconnected socket as the kernel reports it (None when
-    not reported: IPv4, other states, or the /proc source)."""
+    not reported: IPv4, other states, or the /proc source); ``retrans`` counts the retransmissions (or
+    probes) its running timer has made."""
 
     family: socket.AddressFamily
     state: TcpState
@@ -116,6 +117,7 @@ class SocketEntry(NamedTuple):
     inode: int
     expires: float | None
     v6only: bool | None = None
+    retrans: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +129,7 @@ class SocketEntry(NamedTuple):
             "inode": self.inode,
             "expires": self.expires,
             "v6only": self.v6only,
+            "retrans": self.retrans,
         }
 
 

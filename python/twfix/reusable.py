@@ -253,7 +253,7 @@ def reusable_tcp_servers(
     """A listener on **every** address of ``host``, all on one port (like tornado's ``bind_sockets``).
 
     ``host=""`` means the IPv4 and the IPv6 wildcard (two sockets, the IPv6 one v6-only); a name such as
-    ``localhost`` gives one socket per address it resolves to (``127.0.0.1`` and ``::1``). With
+    ``localhost`` gives one socket per address it resolves to, IPv4 ones first (``127.0.0.1``, then ``::1``). With
     ``port=0`` the first socket takes an ephemeral port and the others bind the same one. Each socket is
     set up as :func:`reusable_tcp_server` does; if one bind fails, the ones already made are closed.
     """
@@ -264,7 +264,9 @@ def reusable_tcp_servers(
         if socket.has_ipv6:
             addresses.append((int(socket.AF_INET6), "::", 0))
     else:
-        addresses = resolve_all(host, port, None, socket.SOCK_STREAM)
+        # IPv4 first, as tornado's bind_sockets and the stdlib's bind(): code that builds a URL from the
+        # first socket gets 127.0.0.1, not a bare IPv6 literal (stable sort: getaddrinfo's order otherwise).
+        addresses = sorted(resolve_all(host, port, None, socket.SOCK_STREAM), key=lambda a: a[0] != socket.AF_INET)
     made: list[socket.socket] = []
     try:
         for family, ip, _scope in addresses:

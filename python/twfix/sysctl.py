@@ -562,6 +562,15 @@ class PortRange:
         """True when connect() or bind(0) may be given ``port``: inside the range and not reserved."""
         return self.contains(port) and not self.is_reserved(port)
 
+    def connect_first(self, port: int) -> bool:
+        """True for a port of the range with the parity connect() searches first (the range's low parity);
+        bind(0) searches the other parity first. The one home of that kernel rule (Linux 4.6+)."""
+        return self.assigns(port) and port % 2 == self.low % 2
+
+    def bind_first(self, port: int) -> bool:
+        """True for a port of the range with the parity bind(0) searches first (see :meth:`connect_first`)."""
+        return self.assigns(port) and port % 2 != self.low % 2
+
     def port_set(self) -> bytes:
         """The ports :meth:`assigns` accepts as a 65,536-bit map (bit ``p % 8`` of byte ``p // 8``), the
         form the native aggregation reads."""

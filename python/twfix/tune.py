@@ -8,11 +8,13 @@ Nothing is written or changed unless :func:`write` or :func:`apply` is called.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from twfix import _safefile, _twfix, sysctl
+from twfix._args import check_port
 from twfix.doctor import Change, doctor
 from twfix.errors import TwfixError
 
@@ -23,7 +25,11 @@ MARKER: Final = "# Written by twfix tune."
 
 @dataclass(frozen=True)
 class Plan:
+    """The changes, and the listeners inside the ephemeral range whose ports the plan does not reserve
+    (``left_out``: port -> why), which ``plan(reserve=...)`` can include."""
+
     changes: tuple[Change, ...]
+    left_out: tuple[tuple[int, str], ...] = ()
 
     def snippet(self) -> str:
         lines = [
@@ -32,6 +38,11 @@ class Plan:
             "# These knobs are per network namespace: a container gets kernel defaults, not these values.",
             "",
         ]
+        for port, why in self.left_out:
+            lines.append(f"# not reserved: listener on {port}: {why}")
+        if self.left_out:
+            lines.append("# include them with `twfix tune --reserve PORT ...` (or `--reserve all`)")
+            lines.append("")
         if not self.changes:
             lines.append("# Nothing to change: the running values are fine.")
         for c in self.changes:
@@ -48,23 +59,56 @@ class Written:
     backup: Path | None
 
 
+_RESERVED: Final = "net.ipv4.ip_local_reserved_ports"
+_KERNEL_CHOSEN: Final = (
+    "its port has the parity bind(0) takes first and its owner's command line does not name it, so the kernel "
+    "probably chose it (a test server, a notebook kernel); a service whose port comes from its configuration "
+    "looks the same"
+)
+
+
 def plan(
     *,
     root: str | os.PathLike[str] = "/",
     netns: str | os.PathLike[str] | None = None,
     pid: int | None = None,
+    reserve: Iterable[int] | Literal["all"] = (),
 ) -> Plan:
     """The recommended changes: the fixes the doctor's findings carry, worst finding first, one change
     per knob, and only changes that change something. Every value is checked against what the running
-    kernel accepts before it is offered. ``netns``/``pid``: plan for another network namespace."""
+    kernel accepts before it is offered. ``netns``/``pid``: plan for another network namespace.
+
+    Listeners inside the ephemeral range on ports the kernel probably chose (bind(0)) are not reserved
+    but listed in ``Plan.left_out``; ``reserve`` adds ports to ``ip_local_reserved_ports`` anyway: some
+    of them, any other port, or ``"all"`` of the left-out ones."""
+    wanted = set() if reserve == "all" else {check_port(p, "reserve") for p in reserve}
     changes: dict[str, Change] = {}
-    for finding in doctor(root=root, netns=netns, pid=pid).findings:
+    left_out: dict[int, str] = {}
+    report = doctor(root=root, netns=netns, pid=pid)
+    for finding in report.findings:
+        if finding.code == "LISTEN-EPHEMERAL-CHOSEN":
+            left_out.update(dict.fromkeys(finding.evidence.get("ports", ()), _KERNEL_CHOSEN))
         for change in finding.fixes:
             if change.after != change.before and change.name not in changes:
                 changes[change.name] = change
+    if reserve == "all":
+        wanted = set(left_out)
+    if wanted:
+        current = changes[_RESERVED].after if _RESERVED in changes else sysctl.get(_RESERVED, netns=netns, pid=pid)
+        ranges = list(current) if isinstance(current, list) else []
+        after = sorted(set(ranges) | {(p, p) for p in wanted})
+        if after != ranges:
+            chosen = ", ".join(map(str, sorted(wanted)))
+            reason = f"keep outgoing connections off the ports you chose to reserve: {chosen}"
+            base = changes.get(_RESERVED)
+            changes[_RESERVED] = Change(
+                _RESERVED, base.before if base else current, after, f"{base.reason}; {reason}" if base else reason
+            )
+        for port in wanted:
+            left_out.pop(port, None)
     for c in changes.values():
         sysctl.validate(c.name, c.after)
-    return Plan(tuple(changes.values()))
+    return Plan(tuple(changes.values()), tuple(sorted(left_out.items())))
 
 
 def write(p: Plan, path: str | os.PathLike[str]) -> Written:

@@ -45,6 +45,8 @@ pub struct Record {
     pub family: u8,
     pub state: u8,
     pub timer: u8,
+    /// Retransmissions (or keepalive/window probes) made by the running timer (`idiag_retrans`).
+    pub retrans: u8,
     /// `IPV6_V6ONLY` of an IPv6 socket (INET_DIAG_SKV6ONLY); None when the source does not say.
     pub v6only: Option<bool>,
     pub src: [u8; 16],

@@ -154,6 +154,7 @@ pub fn decode_diag_msg(p: &[u8]) -> Result<Record> {
         family: p[0],
         state: p[1],
         timer: p[2],
+        retrans: p[3],
         v6only: v6only_attr(&p[DIAG_MSG_LEN..]),
         sport: u16_be(p, 4).ok_or_else(bad)?,
         dport: u16_be(p, 6).ok_or_else(bad)?,

@@ -59,12 +59,12 @@ pub fn parse_line(line: &str, family: u8) -> Result<Record> {
     let timer = u8::from_str_radix(tr, 16).map_err(|_| bad())?;
     // tm->when is in USER_HZ (1/100 s) ticks; it can be negative-looking for expired timers.
     let ticks = u64::from_str_radix(when, 16).map_err(|_| bad())?;
-    let _retrnsmt = it.next().ok_or_else(bad)?;
+    let retrans = u8::from_str_radix(it.next().ok_or_else(bad)?, 16).unwrap_or(u8::MAX);
     let uid = it.next().ok_or_else(bad)?.parse::<u32>().map_err(|_| bad())?;
     let _timeout = it.next().ok_or_else(bad)?;
     let inode = it.next().ok_or_else(bad)?.parse::<u64>().map_err(|_| bad())?;
     let expires_ms = if ticks > u64::from(u32::MAX) / 10 { 0 } else { (ticks * 10) as u32 };
-    Ok(Record { family, state, timer, v6only: None, src, sport, dst, dport, expires_ms, uid, inode })
+    Ok(Record { family, state, timer, retrans, v6only: None, src, sport, dst, dport, expires_ms, uid, inode })
 }
 
 /// Stream the records of one family that `q` wants through `each`, reading a line at a time.

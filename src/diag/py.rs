@@ -90,6 +90,7 @@ pub fn dump_entries<'py>(
                 r.inode.into_pyobject(py)?.into_any(),
                 expires,
                 v6only,
+                r.retrans.into_pyobject(py)?.into_any(),
             ],
         )?;
         list.append(tuple_new.call1((entry_cls, fields))?)?;
