@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -442,8 +443,7 @@ def _explain_listener(f: _Facts) -> Explanation:
     overlap = "" if first.laddr[0] == f.ip else f" (overlapping {format_endpoint(*first.laddr)})"
     members = list({p.pid: p for h in f.listeners for p in h.processes}.values())
     owner = _pids(members) if members else "its owner could not be seen"
-    if len(f.listeners) > 1:
-        noun = f"{noun}s ({len(f.listeners)} sockets)"
+    many = f"{len(f.listeners)} live {noun}s" if len(f.listeners) > 1 else f"a live {noun}"
     reasons = [h.describe() for h in f.listeners]
     advice = []
     if first.laddr[0] != f.ip:
@@ -489,7 +489,7 @@ def _explain_listener(f: _Facts) -> Explanation:
     return _build(
         f,
         "listener",
-        f"{f.where} is in use by a live {noun}{overlap}: {owner}",
+        f"{f.where} is in use by {many}{overlap}: {owner}",
         reasons=reasons,
         advice=advice,
         holders=f.listeners,
@@ -509,6 +509,19 @@ def _orphan_retries(ns: str | None) -> tuple[int | None, int | None]:
     if not isinstance(value, int):
         return None, None
     return value, value or 8
+
+
+_RTO_MIN: Final = 0.2  # TCP_RTO_MIN, seconds
+_RTO_MAX: Final = 120.0  # TCP_RTO_MAX
+
+
+def _retry_model(boundary: int) -> float:
+    """tcp_model_timeout() with the minimum RTO: the seconds ``boundary`` retransmissions take when each
+    waits twice the last, from 200 ms up to 120 s."""
+    thresh = int(math.log2(_RTO_MAX / _RTO_MIN))
+    if boundary <= thresh:
+        return ((2 << boundary) - 1) * _RTO_MIN
+    return ((2 << thresh) - 1) * _RTO_MIN + (boundary - thresh) * _RTO_MAX
 
 
 def _explain_orphans(f: _Facts) -> Explanation:
@@ -531,19 +544,22 @@ def _explain_orphans(f: _Facts) -> Explanation:
         knob, allowed = _orphan_retries(f.ns)
         made = max(e.retrans for e in retransmitting)
         nxt = _seconds(retransmitting)
-        limit = (
-            f"the kernel gives up after {allowed} retransmissions (net.ipv4.tcp_orphan_retries={knob}"
-            f"{', which means 8' if knob == 0 else ''}); the furthest has made {made}, so at most "
-            f"{max(allowed - made, 0)} more follow"
-            if allowed is not None
-            else "the kernel gives up once the retransmissions net.ipv4.tcp_orphan_retries allows run out"
-        )
+        if allowed is not None:
+            model = _retry_model(allowed)
+            limit = (
+                f"the kernel gives up: at the first retransmission timer that fires once {model:.1f} s have passed "
+                f"since the first retransmission, the time {allowed} retransmissions take from the minimum RTO of "
+                f"200 ms (net.ipv4.tcp_orphan_retries={knob}{', which means 8' if knob == 0 else ''}; "
+                "retransmits_timed_out() in net/ipv4/tcp_timer.c)"
+            )
+        else:
+            limit = "the kernel gives up once the retransmissions net.ipv4.tcp_orphan_retries allows run out"
         reasons.append(
-            f"FIN_WAIT1, CLOSING and LAST_ACK orphans last until their FIN is acknowledged or {limit}; the next "
-            + (f"is due in {nxt:.1f} s" if nxt is not None else "is due when its timer fires")
-            + ", and each later one waits twice as long as the one before, up to 120 s (TCP_RTO_MAX). The wait "
-            "depends on the connection's round-trip timeout, which the socket table does not show, so the time "
-            "left cannot be known (lower tcp_orphan_retries to bound it)"
+            f"FIN_WAIT1, CLOSING and LAST_ACK orphans last until their FIN is acknowledged or {limit}. The furthest "
+            f"has retransmitted {made} time(s); the next is due in "
+            + (f"{nxt:.1f} s" if nxt is not None else "an unknown time")
+            + ", each later one after twice the wait (up to 120 s). When the first retransmission happened is "
+            "not in the socket table, so the time left cannot be known; lower tcp_orphan_retries to shorten it"
         )
         secs = " (until the kernel gives up retransmitting: no time can be promised)"
     if f.time_wait:
