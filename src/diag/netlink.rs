@@ -441,7 +441,10 @@ pub(crate) mod tests {
         let r = decode_diag_msg(&sample_msg()).expect("valid");
         assert_eq!((r.state, r.timer, r.sport, r.dport, r.expires()), (6, 3, 9600, 44900, Some(59600)));
         assert_eq!(format_ip(r.family, &r.src), "127.0.0.1");
-        assert_eq!((r.uid, r.inode, r.v6only), (0, 0, None));
+        assert_eq!((r.uid, r.inode, r.v6only, r.retrans), (0, 0, None, 0));
+        let mut orphan = sample_msg();
+        (orphan[1], orphan[2], orphan[3]) = (4, 1, 5); // FIN_WAIT1, retransmit timer, 5 retransmissions
+        assert_eq!(decode_diag_msg(&orphan).expect("valid").retrans, 5);
     }
 
     #[test]

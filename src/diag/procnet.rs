@@ -122,7 +122,10 @@ mod tests {
             assert_eq!(format_ip(r.family, &r.src), "127.0.0.1");
         }
         let r = parse_line(TW_LINE, AF_INET).expect("tw line");
-        assert_eq!((r.state, r.dport, r.expires()), (TIME_WAIT, 0x8182, Some(59690)));
+        assert_eq!((r.state, r.dport, r.expires(), r.retrans), (TIME_WAIT, 0x8182, Some(59690), 0));
+        let fin_wait1 =
+            "   2: 0100007F:1388 0200007F:8F1D 04 00000001:00000000 01:000001F4 00000007     0        0 0 2 0";
+        assert_eq!(parse_line(fin_wait1, AF_INET).expect("orphan line").retrans, 7);
         let v6 = "   0: 00000000000000000000000001000000:0050 0000000000000000FFFF00000100007F:1234 01 00000000:00000000 00:00000000 00000000  1000        0 42 1 0";
         let r = parse_line(v6, libc::AF_INET6 as u8).expect("v6 line");
         if cfg!(target_endian = "little") {
