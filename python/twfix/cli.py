@@ -352,7 +352,7 @@ def _print_summary(s: diag.SocketSummary, top: int, out: TextIO) -> None:
         lines.append(f"  {state!s:<{width}}  {n:>9}")
     for state, ports in sorted(s.top_local_ports.items(), key=lambda kv: -s.by_state.get(kv[0], 0)):
         shown = ", ".join(f"{p} ({c})" for p, c in ports[:top])
-        peers = ", ".join(f"{a} ({c})" for a, c in s.top_remote.get(state, [])[:top])
+        peers = ", ".join(f"{a if a.port else a.ip + ' clients'} ({c})" for a, c in s.top_remote.get(state, [])[:top])
         lines.append(f"{state}:")
         lines.append(f"  top local ports: {shown}")
         if peers:

@@ -75,6 +75,10 @@ class TcpState(enum.StrEnum):
 _NUMBER: Final = {s: i for i, s in enumerate(TcpState, 1)}
 _BY_NUMBER: Final = {i: s for s, i in _NUMBER.items()}
 _ALL_STATES: Final = 0xFFFFFFFF
+# TCP states 0..11: the established and listening hashes. Bound-only sockets (BOUND_INACTIVE, Linux 6.8+)
+# are left out of whole-table walks, because asking for them adds a walk of the bind hash that every
+# namespace of the host shares; a filter that names the state, or a question about one port, asks for them.
+_WALK_STATES: Final = ((1 << 12) - 1) & ~(1 << TcpState.CLOSE.number)  # CLOSE stands for the same sockets
 # ss's spellings: UNCONN is how ss names an unconnected UDP socket, which the kernel calls CLOSE.
 _ALIASES: Final = {
     "TIME-WAIT": "TIME_WAIT",
@@ -203,7 +207,10 @@ def sockets(
 
     Args:
         states: only these states (``TcpState`` values or names such as ``"TIME_WAIT"`` or ``ss``'s
-            ``"time-wait"``); the kernel filters.
+            ``"time-wait"``); the kernel filters. Without ``states`` or ``port``, TCP sockets that are bound
+            but neither listening nor connected (``BOUND_INACTIVE``) are left out, as ``ss -a`` leaves them
+            out: asking for them makes the kernel walk the host's whole bind hash too. Name the state, or
+            give a ``port``, to see them.
         port: only sockets whose local port is this.
         source: "auto" (netlink, /proc when refused), "netlink" or "proc".
         netns, pid: read another network namespace (a path such as ``/run/netns/NAME``, or a process's).
@@ -211,6 +218,8 @@ def sockets(
     proto, family = _kind(kind)
     mask = _state_mask(states)
     want = None if port is None else check_port(port)
+    if states is None and want is None and proto == "tcp":
+        mask = _WALK_STATES
     return SocketList(_dump(proto, family, mask, want, source, namespace_path(netns, pid)))
 
 
@@ -231,7 +240,8 @@ class SocketSummary:
 
     ``time_wait_server_side`` counts TIME-WAITs on a listening port, or on a port connect() is never given
     (outside the ephemeral range): the server closed first; the rest of ``by_state[TIME_WAIT]`` are
-    client-side. ``exact`` is False when the kernel flagged every attempt
+    client-side. In ``top_remote``, the peers of the server side of connections (clients, each on its own
+    ephemeral port) are counted per address, with port 0. ``exact`` is False when the kernel flagged every attempt
     at the dump as interrupted (the table changed during the walk).
     """
 

@@ -86,6 +86,51 @@ impl PortSet {
     }
 }
 
+/// Sockets per (state, local port), in one dense 65,536-slot table per state seen: an array increment
+/// per socket instead of a hash-map lookup (the aggregation runs once per socket of the table). Each
+/// table is allocated zeroed on first use (256 KiB, pages the kernel zeroes lazily).
+#[derive(Default)]
+pub struct PortCounts(Vec<Option<Vec<u32>>>);
+
+impl PortCounts {
+    pub fn add(&mut self, state: u8, port: u16) {
+        let s = usize::from(state);
+        if self.0.len() <= s {
+            self.0.resize_with(s + 1, || None);
+        }
+        let table = self.0[s].get_or_insert_with(|| vec![0; 65536]);
+        table[usize::from(port)] = table[usize::from(port)].saturating_add(1);
+    }
+
+    /// The `n` largest counts of each state, states in order, largest first (ties: lower port first).
+    pub fn top(&self, n: usize) -> Vec<((u8, u16), u64)> {
+        let mut out = Vec::new();
+        for (state, table) in self.0.iter().enumerate() {
+            let Some(table) = table else { continue };
+            let mut items: Vec<((u8, u16), u64)> = table
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(p, c)| ((state as u8, p as u16), u64::from(*c)))
+                .collect();
+            let order = |a: &((u8, u16), u64), b: &((u8, u16), u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+            if n < items.len() {
+                if n == 0 {
+                    continue;
+                }
+                items.select_nth_unstable_by(n - 1, order);
+                items.truncate(n);
+            }
+            items.sort_unstable_by(order);
+            out.extend(items);
+        }
+        out
+    }
+}
+
+/// A peer of the dump: (state, family, address, port).
+pub type RemoteKey = (u8, u8, [u8; 16], u16);
+
 /// Per-destination use of ephemeral ports: key (family, local ip, remote ip, remote port).
 pub type UsageKey = (u8, [u8; 16], [u8; 16], u16);
 
@@ -95,8 +140,11 @@ pub type UsageKey = (u8, [u8; 16], [u8; 16], u16);
 pub struct Snapshot {
     pub total: u64,
     pub by_state: [u64; 32],
-    pub local_ports: FastMap<(u8, u16), u64>,
-    pub remotes: FastMap<(u8, u8, [u8; 16], u16), u64>,
+    pub local_ports: PortCounts,
+    remotes: FastMap<RemoteKey, u64>,
+    /// The last peer seen and how many times in a row: consecutive sockets of the dump often share
+    /// their peer (a client host's connections to one listener), which then costs no hashing.
+    run: Option<(RemoteKey, u64)>,
     /// TIME-WAIT remaining time in 10 s buckets: 0-10, ..., 50-60, >= 60 s.
     pub tw_hist: [u64; 7],
     /// TIME-WAITs on a listening port, or on a port connect() is never given (outside the ephemeral
@@ -127,16 +175,27 @@ impl Snapshot {
         if let Some(slot) = self.by_state.get_mut(usize::from(r.state)) {
             *slot += 1;
         }
-        *self.local_ports.entry((r.state, r.sport)).or_insert(0) += 1;
-        if r.has_peer() {
-            *self.remotes.entry((r.state, r.family, r.dst, r.dport)).or_insert(0) += 1;
-        }
+        self.local_ports.add(r.state, r.sport);
         let on_listening_port = self.listening.contains(r.sport);
         let ephemeral = self.ephemeral.contains(r.sport);
+        // The server's side of a connection: its local port is a listener's, or one connect() is never
+        // given. Its peers are clients on ephemeral ports, each seen once: they are counted per address
+        // (port 0), which keeps this map as small as the set of client hosts.
+        let server_side = on_listening_port || (!self.ephemeral.is_unset() && !ephemeral);
+        if r.has_peer() {
+            let key = (r.state, r.family, r.dst, if server_side { 0 } else { r.dport });
+            match &mut self.run {
+                Some((last, n)) if *last == key => *n += 1,
+                run => {
+                    if let Some((last, n)) = run.replace((key, 1)) {
+                        *self.remotes.entry(last).or_insert(0) += n;
+                    }
+                }
+            }
+        }
         if r.state == TIME_WAIT {
             self.tw_hist[(r.expires_ms / 10_000).min(6) as usize] += 1;
-            let known_range = !self.ephemeral.is_unset();
-            self.tw_server_side += u64::from(on_listening_port || (known_range && !ephemeral));
+            self.tw_server_side += u64::from(server_side);
         }
         // Connections accepted by a listener share its port and consume no ephemeral port.
         if self.count_usage && r.state != LISTEN && r.dport != 0 && !on_listening_port && ephemeral {
@@ -150,6 +209,16 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Peer counts (the run of equal peers in progress included).
+    pub fn remotes(&mut self) -> &FastMap<RemoteKey, u64> {
+        if let Some((last, n)) = self.run.take() {
+            *self.remotes.entry(last).or_insert(0) += n;
+        }
+        &self.remotes
+    }
+}
+
 /// The `n` largest counts of each state, largest first (ties by key).
 pub fn top_n<K: Copy + Ord>(map: &FastMap<K, u64>, state_of: impl Fn(&K) -> u8, n: usize) -> Vec<(K, u64)> {
     let mut per_state: HashMap<u8, Vec<(K, u64)>> = HashMap::new();
@@ -159,10 +228,17 @@ pub fn top_n<K: Copy + Ord>(map: &FastMap<K, u64>, state_of: impl Fn(&K) -> u8, 
     let mut states: Vec<u8> = per_state.keys().copied().collect();
     states.sort_unstable();
     let mut out = Vec::new();
+    let order = |a: &(K, u64), b: &(K, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
     for s in states {
         if let Some(mut items) = per_state.remove(&s) {
-            items.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            items.truncate(n);
+            if n < items.len() {
+                if n == 0 {
+                    continue;
+                }
+                items.select_nth_unstable_by(n - 1, order); // the n first, in any order: O(len)
+                items.truncate(n);
+            }
+            items.sort_unstable_by(order);
             out.extend(items);
         }
     }
@@ -197,8 +273,14 @@ mod tests {
         assert_eq!(s.tw_server_side, 1);
         assert_eq!(s.usage.len(), 1);
         assert_eq!(s.usage.values().next(), Some(&(1, 2)));
-        let top = top_n(&s.local_ports, |k| k.0, 5);
+        let top = s.local_ports.top(5);
         assert_eq!(top, vec![((1, 9600), 1), ((6, 9600), 2), ((6, 80), 1)]);
+        // Peers: the client side keeps the service port; the accepted connection's peer counts per address.
+        let peers = top_n(s.remotes(), |k| k.0, 5);
+        assert_eq!(
+            peers.iter().map(|((st, _f, _a, p), n)| (*st, *p, *n)).collect::<Vec<_>>(),
+            vec![(1, 44900, 1), (6, 44900, 2), (6, 0, 1)]
+        );
     }
 
     #[test]

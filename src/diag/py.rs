@@ -6,7 +6,7 @@ use pyo3::types::{PyFloat, PyList, PyString, PyTuple};
 
 use super::aggregate::{FastMap, PortSet, Snapshot, top_n};
 use super::stream::{collect, stream};
-use super::{AF_INET, ALL_STATES, Filter, LISTEN, Proto, Query, Source, format_ip, netlink, owners};
+use super::{AF_INET, ALL_STATES, Filter, LISTEN, Proto, Query, Source, WALK_STATES, format_ip, netlink, owners};
 use crate::errors::Error;
 
 /// Sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`, built
@@ -142,15 +142,18 @@ pub fn snapshot(
                 let q = Query::new(proto, 1 << LISTEN, source, Filter::All);
                 stream(&q, |r| listeners.push(*r))?;
             }
-            let q = Query::new(proto, ALL_STATES, source, Filter::All);
+            let states = if proto == Proto::Tcp { WALK_STATES } else { ALL_STATES };
+            let q = Query::new(proto, states, source, Filter::All);
             collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone(), usage), Snapshot::add)
         })
     });
-    let (s, exact) = snap?;
+    let (mut s, exact) = snap?;
     let counts = s.by_state.iter().enumerate().filter(|(_, c)| **c > 0).map(|(st, c)| (st as u8, *c)).collect();
-    let ports = top_n(&s.local_ports, |k| k.0, top).into_iter().map(|((st, p), c)| (st, p, c)).collect();
-    let remotes =
-        top_n(&s.remotes, |k| k.0, top).into_iter().map(|((st, f, a, p), c)| (st, f, format_ip(f, &a), p, c)).collect();
+    let ports = s.local_ports.top(top).into_iter().map(|((st, p), c)| (st, p, c)).collect();
+    let remotes = top_n(s.remotes(), |k| k.0, top)
+        .into_iter()
+        .map(|((st, f, a, p), c)| (st, f, format_ip(f, &a), p, c))
+        .collect();
     let listeners = s
         .listeners
         .iter()
