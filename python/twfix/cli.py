@@ -31,6 +31,7 @@ from typing import Any, Literal, TextIO
 
 import twfix
 from twfix import diag, netns, sysctl, tune
+from twfix._args import namespace_path
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
 from twfix.diag import SocketEntry, TcpState
@@ -429,7 +430,7 @@ def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
     kind = "udp" if args.udp else "tcp"
     entries = diag.sockets(kind, port=args.port, **_ns(args))
-    holders = diag.holders_of(entries, args.port, kind)
+    holders = diag.holders_of(entries, args.port, kind, namespace_path(args.netns, args.pid))
     if args.json:
         _dump(holders.to_dict(), out)
         return 0 if holders.holders else 1

@@ -220,9 +220,11 @@ def overlaps(family: int, ip: str, dualstack: bool, entry: SocketEntry) -> bool:
     return ip == "::" or _is_wildcard(e_ip) or _unmap(ip) == e_ip
 
 
-def _holders(entries: list[SocketEntry], kind: str, port: int) -> tuple[list[Holder], str | None]:
+def _holders(
+    entries: list[SocketEntry], kind: str, port: int, ns: str | None = None
+) -> tuple[list[Holder], str | None]:
     """Sockets as holders with every process holding them; kernel-owned ones marked as orphans."""
-    found = holders_of(entries, port, kind)
+    found = holders_of(entries, port, kind, ns)
     out = [
         Holder(
             str(h.state),
@@ -304,7 +306,7 @@ def _analyse(
     if plain != 0 and kind == "tcp":
         live = [e for e in port_entries(kind, port, [TcpState.LISTEN], ns) if overlaps(family, ip, dualstack, e)]
         if live:
-            facts.listeners, facts.note = _holders(live, kind, port)
+            facts.listeners, facts.note = _holders(live, kind, port, ns)
             facts.reuse = _probe(kind, family, ip, port, base | reuse_flags, ns)
             # A bound, never-listening TCP socket takes no connection: probing the group is harmless.
             facts.joins_group = _probe(kind, family, ip, port, base | _twfix.F_REUSE_PORT, ns) == 0
@@ -313,7 +315,7 @@ def _analyse(
         rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
     facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
     facts.orphan_entries = [e for e in rows if e.inode == 0 and e.state in _ORPHAN_STATES - {TcpState.TIME_WAIT}]
-    others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port)
+    others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port, ns)
     facts.orphans = [h for h in others if h.orphan]
     facts.listeners = [h for h in others if not h.orphan and (h.state == "LISTEN" or kind == "udp")]
     facts.connections = [h for h in others if not h.orphan and h not in facts.listeners]

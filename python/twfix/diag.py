@@ -571,7 +571,8 @@ def who_holds(
     """
     proto, family = _kind(kind)
     port = check_port(port)
-    return holders_of(_dump(proto, family, _ALL_STATES, port, "auto", namespace_path(netns, pid)), port, kind)
+    ns = namespace_path(netns, pid)
+    return holders_of(_dump(proto, family, _ALL_STATES, port, "auto", ns), port, kind, ns)
 
 
 def port_entries(
@@ -583,20 +584,33 @@ def port_entries(
     return _dump(kind, None, _state_mask(states), port, "auto", ns)
 
 
-def owners_of(inodes: Iterable[int]) -> tuple[dict[int, tuple[Process, ...]], int]:
-    """Every process holding each socket inode (one pass over /proc), and how many processes could not
-    be inspected."""
-    triples, denied = _twfix.socket_owners([i for i in inodes if i])
+def owners_of(inodes: Iterable[int], ns: str | None = None) -> tuple[dict[int, tuple[Process, ...]], int]:
+    """Every process holding each socket inode, and how many processes could not be inspected.
+
+    The processes of the sockets' network namespace (``ns``, a path; None: the caller's) are searched
+    first; processes with more than 4,096 descriptors and those of other namespaces only while a socket
+    still has no owner."""
+    owners, denied, _skipped, _fds = _owners(inodes, ns)
+    return owners, denied
+
+
+def _owners(inodes: Iterable[int], ns: str | None) -> tuple[dict[int, tuple[Process, ...]], int, int, int]:
+    """:func:`owners_of`, plus the processes of the namespace left unsearched and their descriptors."""
+    try:
+        inode: int | None = os.stat(ns or "/proc/thread-self/ns/net").st_ino
+    except OSError:
+        inode = None
+    triples, denied, skipped, skipped_fds = _twfix.socket_owners([i for i in inodes if i], inode)
     processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
     held: dict[int, list[Process]] = {}
     for inode, pid, fd in triples:
         held.setdefault(inode, []).append(processes[pid]._replace(fd=fd))
-    return {inode: tuple(procs) for inode, procs in held.items()}, denied
+    return {inode: tuple(procs) for inode, procs in held.items()}, denied, skipped, skipped_fds
 
 
-def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
+def holders_of(entries: list[SocketEntry], port: int, kind: str, ns: str | None = None) -> Holders:
     """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
-    owners, denied = owners_of(e.inode for e in entries)
+    owners, denied, skipped, skipped_fds = _owners((e.inode for e in entries), ns)
     holders = []
     for e in entries:
         procs = owners.get(e.inode, ()) if e.inode else ()
@@ -627,5 +641,11 @@ def holders_of(entries: list[SocketEntry], port: int, kind: str) -> Holders:
             "owner, so it runs outside this PID namespace (a container sharing this network namespace, or "
             "twfix itself in one) or /proc hides it (hidepid); run `ss -tulpn` or `lsof -i :PORT` where that "
             "process is visible, usually on the host"
+        )
+    elif skipped:
+        note = (
+            f"{skipped} process(es) of this namespace holding more than 4096 descriptors ({skipped_fds} in all) "
+            "were not searched once every socket had an owner: other holders of a shared socket among them "
+            "are not listed"
         )
     return Holders(port, kind, tuple(holders), denied, note)

@@ -11,8 +11,8 @@ caller's namespace never changes. twfix writes knobs only through ``twfix tune -
 from __future__ import annotations
 
 import difflib
-import json
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping

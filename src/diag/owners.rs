@@ -21,50 +21,105 @@ pub fn socket_inode(link: &[u8]) -> Option<u64> {
     std::str::from_utf8(inner).ok()?.parse().ok()
 }
 
-/// Every (inode, pid, fd) triple for the wanted inodes (the first descriptor of that socket in that process): a socket inherited across fork() is held by every
-/// process that has it open (a prefork server's master and workers), so the whole of /proc is read.
-/// Also returns how many processes could not be inspected (permission). Threads share their process's
-/// descriptor table, so /proc/PID covers them.
-pub fn owners(inodes: &[u64]) -> Result<(Vec<Holding>, u64)> {
+/// What a search for socket owners saw: the holdings, how many processes could not be inspected
+/// (permission), and how many processes of the socket's own network namespace were left unsearched
+/// (with how many descriptors) because every wanted socket already had an owner.
+#[derive(Debug, Default)]
+pub struct OwnerScan {
+    pub found: Vec<Holding>,
+    pub denied: u64,
+    pub skipped: u64,
+    pub skipped_fds: u64,
+}
+
+/// A process of /proc with its network namespace inode and its descriptor count (the size the kernel
+/// reports for /proc/PID/fd, 6.2+; 0 where it reports none).
+struct Candidate {
+    pid: u32,
+    netns: Option<u64>,
+    fds: u64,
+}
+
+/// Processes holding more descriptors than this are searched last, and only while an owner is missing:
+/// a proxy or a database with 100,000 connections would otherwise cost every search 100 ms and more.
+pub const BIG_PROCESS_FDS: u64 = 4096;
+
+/// Every (inode, pid, fd) triple for the wanted inodes (the first descriptor of that socket in that
+/// process). A socket inherited across fork() is held by every process that has it open (a prefork
+/// server's master and workers), so every ordinary process of the socket's network namespace (`netns`,
+/// an inode; None: no preference) is searched. Processes with more than `BIG_PROCESS_FDS` descriptors,
+/// and processes of other namespaces (which hold this namespace's sockets only after setns() or
+/// descriptor passing), are searched after that, fewest descriptors first, and only while a wanted
+/// socket still has no owner. Threads share their process's descriptor table, so /proc/PID covers them.
+pub fn owners(inodes: &[u64], netns: Option<u64>) -> Result<OwnerScan> {
     let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
-    let mut found = Vec::new();
-    let mut denied = 0u64;
+    let mut scan = OwnerScan::default();
     if wanted.is_empty() {
-        return Ok((found, denied));
+        return Ok(scan);
     }
     let procs = std::fs::read_dir("/proc").map_err(|e| Error::os(e, "read /proc"))?;
+    let mut near = Vec::new();
+    let mut far = Vec::new();
     for entry in procs.flatten() {
         let name = entry.file_name();
         let Some(pid) = std::str::from_utf8(name.as_bytes()).ok().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let fds = match std::fs::read_dir(entry.path().join("fd")) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                denied += 1;
-                continue;
-            }
-            Err(_) => continue, // the process exited meanwhile
-        };
-        let mut here: Vec<Holding> = Vec::new();
-        for fd in fds.flatten() {
-            let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
-            if let Some(inode) = socket_inode(target.as_os_str().as_bytes())
-                && wanted.contains(&inode)
-            {
-                here.push((inode, pid, num));
-            }
+        let path = entry.path();
+        let ns = std::fs::metadata(path.join("ns/net")).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let fds = std::fs::metadata(path.join("fd")).map(|m| m.len()).unwrap_or(0);
+        let c = Candidate { pid, netns: ns, fds };
+        if (netns.is_none() || ns.is_none() || ns == netns) && fds <= BIG_PROCESS_FDS {
+            near.push(c);
+        } else {
+            far.push(c);
         }
-        here.sort_unstable();
-        here.dedup_by_key(|t| t.0);
-        found.extend(here);
     }
-    found.sort_unstable();
-    Ok((found, denied))
+    let mut owned: HashSet<u64> = HashSet::new();
+    for c in &near {
+        search(c.pid, &wanted, &mut owned, &mut scan);
+    }
+    far.sort_unstable_by_key(|c| (c.netns != netns, c.fds));
+    for (i, c) in far.iter().enumerate() {
+        if owned.len() == wanted.len() {
+            let rest = &far[i..];
+            let here = rest.iter().filter(|c| c.netns == netns || netns.is_none());
+            scan.skipped = here.clone().count() as u64;
+            scan.skipped_fds = here.map(|c| c.fds).sum();
+            break;
+        }
+        search(c.pid, &wanted, &mut owned, &mut scan);
+    }
+    scan.found.sort_unstable();
+    Ok(scan)
+}
+
+fn search(pid: u32, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut OwnerScan) {
+    let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            scan.denied += 1;
+            return;
+        }
+        Err(_) => return, // the process exited meanwhile
+    };
+    let mut here: Vec<Holding> = Vec::new();
+    for fd in fds.flatten() {
+        let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        if let Some(inode) = socket_inode(target.as_os_str().as_bytes())
+            && wanted.contains(&inode)
+        {
+            here.push((inode, pid, num));
+        }
+    }
+    here.sort_unstable();
+    here.dedup_by_key(|t| t.0);
+    owned.extend(here.iter().map(|t| t.0));
+    scan.found.extend(here);
 }
 
 fn pidfd_call(nr: libc::c_long, a: libc::c_long, b: libc::c_long, what: &str) -> Result<OwnedFd> {

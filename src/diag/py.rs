@@ -186,10 +186,17 @@ pub fn listeners_in(py: Python<'_>, proto: &str, port: u16, netns: Option<String
     Ok(found)
 }
 
-/// ([(inode, pid, fd)] for every process holding each inode, number of processes that could not be read).
+/// ([(inode, pid, fd)] for the processes holding each inode, number of processes that could not be read,
+/// processes of the namespace `netns` (an inode) left unsearched and their descriptors): see `owners`.
 #[pyfunction]
-pub fn socket_owners(py: Python<'_>, inodes: Vec<u64>) -> PyResult<(Vec<owners::Holding>, u64)> {
-    Ok(py.detach(|| owners::owners(&inodes))?)
+#[pyo3(signature = (inodes, netns=None))]
+pub fn socket_owners(
+    py: Python<'_>,
+    inodes: Vec<u64>,
+    netns: Option<u64>,
+) -> PyResult<(Vec<owners::Holding>, u64, u64, u64)> {
+    let scan = py.detach(|| owners::owners(&inodes, netns))?;
+    Ok((scan.found, scan.denied, scan.skipped, scan.skipped_fds))
 }
 
 /// (SO_REUSEADDR, SO_REUSEPORT) of socket `inode` held at descriptor `fd` by process `pid`, read from a

@@ -1,0 +1,168 @@
+"""twfix against the floor: one independent walk of the TCP table, in one table of wall and CPU ratios.
+
+Run as root (it makes a private network namespace; loopback traffic only):
+
+    pip install psutil                         # optional peer; skipped with a note when missing
+    python benches/bench_floor.py [--count 200000] [--repeat 7] [--busy] [--neighbours 2]
+
+The floor is `_setup.raw_one_walk()`: a TCPDIAG_GETSOCK dump of states 0xFFF (both families in one walk of
+the established hash), written for the benchmark, received and discarded; twfix's code cannot move it.
+Every measurement is interleaved with the floor's, round by round, on the same table; the best of the
+rounds is kept. CPU is user+system time of the whole process, every thread included; for `ss` and the
+failing constructor's neighbours see the notes printed. `--busy` runs a CPU-bound process on every other
+core, so that work overlapped with the kernel's walk is paid for.
+
+Goals: summary() <= 1.15x and doctor() <= 1.25x the floor (wall on an idle machine, CPU with --busy);
+a failing constructor on a live listener <= 0.1x the floor and <= 3 ms, also with processes holding
+`--fds` descriptors each in other namespaces and, under another user, in this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import twfix
+from _setup import populate, private_namespace, raw_one_walk, write_sysctl
+from twfix import _twfix
+
+HOLDER = """
+import os, sys
+null = os.open("/dev/null", os.O_RDONLY)
+fds = [os.dup(null) for _ in range(int(sys.argv[1]))]
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def neighbours(count: int, fds: int) -> list[subprocess.Popen[str]]:
+    """`count` processes holding `fds` descriptors each in namespaces of their own, and as many in this
+    namespace under uid 65534."""
+    limit = ["prlimit", f"--nofile={fds + 64}:{fds + 64}"]
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    commands = []
+    for _ in range(count):
+        commands.append([*limit, "unshare", "-n", sys.executable, "-c", HOLDER, str(fds)])
+        commands.append([*limit, *nobody, "/usr/bin/python3", "-c", HOLDER, str(fds)])
+    procs = [subprocess.Popen(c, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for c in commands]
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a neighbour did not start: {p.args}")
+    return procs
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Best (wall, CPU) of each function, the functions run one after the other in every round."""
+    best = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def failing_constructor(port: int) -> Callable[[], object]:
+    def call() -> None:
+        try:
+            twfix.reusable_tcp_server(port, "127.0.0.1")
+        except twfix.AddressInUseError as exc:
+            if exc.explanation is None:
+                raise AssertionError("no explanation") from exc
+        else:
+            raise AssertionError("the bind succeeded")
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000, help="TIME-WAIT sockets to build")
+    parser.add_argument("--repeat", type=int, default=7, help="rounds")
+    parser.add_argument("--busy", action="store_true", help="a CPU-bound process on every other core")
+    parser.add_argument("--neighbours", type=int, default=2, help="many-descriptor processes of each kind")
+    # 19,900 + 64 fits the hard descriptor limit of 20,000 seen here (raising it needs CAP_SYS_RESOURCE).
+    parser.add_argument("--fds", type=int, default=19_900, help="descriptors per neighbour")
+    args = parser.parse_args()
+
+    private_namespace()
+    write_sysctl("net.ipv4.tcp_max_tw_buckets", str(max(args.count * 2, 262144)))
+    listeners = populate(args.count, 32)
+    table = twfix.summary()
+    print(
+        f"table: {table.total} TCP sockets, {table.by_state.get(twfix.TcpState.TIME_WAIT, 0)} TIME-WAIT; "
+        f"{os.cpu_count()} cpus; {'busy' if args.busy else 'idle'} neighbours"
+    )
+    busy = []
+    if args.busy:
+        spin = "while True: pass"
+        busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(max((os.cpu_count() or 2) - 1, 1))]
+    port = listeners[0].getsockname()[1]
+    fns: dict[str, Callable[[], object]] = {
+        "floor: raw one walk (0xFFF)": raw_one_walk,
+        "twfix's dump (discard)": lambda: _twfix.netlink_discard("tcp", 0xF7F, True),
+        "summary()": twfix.summary,
+        "doctor()": twfix.doctor,
+        "ss -tan": lambda: subprocess.run(["ss", "-tan"], stdout=subprocess.DEVNULL, check=True),
+        "who_holds(port)": lambda: twfix.who_holds(port),
+    }
+    try:
+        import psutil
+
+        fns["psutil.net_connections(tcp)"] = lambda: psutil.net_connections(kind="tcp")
+    except ImportError:
+        print("psutil is not installed: skipped (pip install psutil)")
+    try:
+        results = interleaved(fns, args.repeat)
+        # The constructor is timed in rounds of its own: a table walk just before it would leave every
+        # cache cold, which no restart loop sees. Its ratio is still taken against the floor above.
+        results.update(interleaved({"failing constructor": failing_constructor(port)}, args.repeat * 5))
+        crowd = neighbours(args.neighbours, args.fds)
+        try:
+            results.update(interleaved({"failing constructor, crowded": failing_constructor(port)}, args.repeat * 5))
+            results.update(interleaved({"who_holds(port), crowded": lambda: twfix.who_holds(port)}, args.repeat))
+        finally:
+            for p in crowd:
+                p.communicate("done\n", timeout=30)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    floor_wall, floor_cpu = results["floor: raw one walk (0xFFF)"]
+    print(f"\n{'measurement':<32} {'wall ms':>9} {'x floor':>8} {'CPU ms':>9} {'x floor':>8}")
+    for name, (wall, cpu) in results.items():
+        print(f"{name:<32} {wall * 1e3:>9.2f} {wall / floor_wall:>8.2f} {cpu * 1e3:>9.2f} {cpu / floor_cpu:>8.2f}")
+    print(
+        f"(crowded: {args.neighbours} processes with {args.fds} descriptors in namespaces of their own and "
+        f"{args.neighbours} in this namespace under uid 65534; ss's CPU is its own process's, not counted here)"
+    )
+    goals = [
+        ("summary()", 1.15),
+        ("doctor()", 1.25),
+        ("failing constructor", 0.1),
+        ("failing constructor, crowded", 0.1),
+    ]
+    which = 1 if args.busy else 0
+    print(f"\n{'goal (' + ('CPU, busy' if args.busy else 'wall, idle') + ')':<32} {'value':>8}  goal")
+    for name, goal in goals:
+        value = results[name][which] / (floor_cpu if args.busy else floor_wall)
+        print(f"{name:<32} {value:>8.2f}  <= {goal}  {'ok' if value <= goal else 'MISSED'}")
+    ms = results["failing constructor, crowded"][0] * 1e3
+    print(f"{'failing constructor, crowded ms':<32} {ms:>8.2f}  <= 3  {'ok' if ms <= 3 else 'MISSED'}")
+    extra = (results["who_holds(port), crowded"][0] - results["who_holds(port)"][0]) * 1e3
+    print(
+        f"who_holds(port): the crowd adds {extra:.2f} ms; the call itself walks the whole table (the kernel has no "
+        "index by port, so a port filter still visits every socket): it costs about the floor, not 0.1x"
+    )
+    for s in listeners:
+        s.close()
+
+
+if __name__ == "__main__":
+    main()

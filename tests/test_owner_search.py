@@ -1,0 +1,61 @@
+"""The owner search looks where owners are first: the socket's own namespace, ordinary processes; big
+processes and other namespaces only while an owner is missing, and it says what it left out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import twfix
+from tests.conftest import NetNS
+
+# Holds `n` descriptors (duplicates of /dev/null) and, with "listen", a listener on a free port.
+HOLDER = """
+import os, resource, socket, sys, ctypes
+n, listen, leave = int(sys.argv[1]), sys.argv[2] == "listen", sys.argv[3] == "leave"
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+null = os.open("/dev/null", os.O_RDONLY)
+fds = [os.dup(null) for _ in range(n)]
+s = socket.create_server(("127.0.0.1", 0)) if listen else None
+if leave:  # keep the socket, move to a namespace of its own (setns after creation, as some tools do)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.unshare(0x40000000) == 0
+print(s.getsockname()[1] if s else 0, flush=True)
+sys.stdin.readline()
+"""
+
+
+@contextmanager
+def holder(fds: int, listen: bool = False, leave: bool = False) -> Iterator[tuple[int, int]]:
+    args = [sys.executable, "-c", HOLDER, str(fds), "listen" if listen else "none", "leave" if leave else "stay"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.pid, int(proc.stdout.readline())
+    finally:
+        proc.communicate("done\n", timeout=30)
+
+
+def test_a_big_process_is_left_out_once_the_owner_is_found_and_said_so(netns: NetNS) -> None:
+    with holder(0, listen=True) as (small, port), holder(6000) as (_big, _):
+        found = twfix.who_holds(port)
+        assert [h.pid for h in found.holders] == [small]
+        assert found.note is not None
+        assert "more than 4096 descriptors" in found.note
+
+
+def test_a_big_process_that_is_the_only_owner_is_still_found(netns: NetNS) -> None:
+    with holder(6000, listen=True) as (big, port):
+        found = twfix.who_holds(port)
+        assert [h.pid for h in found.holders] == [big]
+        assert found.note is None
+
+
+def test_an_owner_that_moved_to_another_namespace_is_found(netns: NetNS) -> None:
+    with holder(0, listen=True, leave=True) as (moved, port):
+        found = twfix.who_holds(port)
+        assert [h.pid for h in found.holders] == [moved]
+        why = twfix.explain(port, "127.0.0.1")
+        assert f"pid {moved}" in why.verdict
