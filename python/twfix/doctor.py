@@ -180,6 +180,7 @@ class _Host:
         self._table = table
         self._tcpext: dict[str, int] | None = None
         self._proc_net: dict[str, str | None] | None = None
+        self._owners: dict[int, tuple[diag.Process, ...]] | None = None
 
     def knob(self, name: str) -> Any:
         """Typed sysctl value, or None when the running kernel lacks it."""
@@ -202,6 +203,13 @@ class _Host:
         if self._table is None:
             self._table = diag.snapshot("tcp", top=_TOP, ports=self.ports, netns=self.ns)
         return self._table
+
+    def listener_owners(self) -> dict[int, tuple[diag.Process, ...]]:
+        """The processes holding each listening socket of the table, found in one search of /proc that
+        every rule shares."""
+        if self._owners is None:
+            self._owners, _denied = diag.owners_of((s.inode for s in self.table().listeners), self.ns)
+        return self._owners
 
     def proc_net(self, name: str) -> str | None:
         """A /proc/net file of the namespace (read once, with the others, from a thread inside it)."""
@@ -323,7 +331,7 @@ def _time_wait_origin(host: _Host) -> Iterator[Finding]:
     ports = summary.top_local_ports.get(diag.TcpState.TIME_WAIT, [])[:5]
     peers = summary.top_remote.get(diag.TcpState.TIME_WAIT, [])[:5]
     listening = {s.laddr.port: s.inode for s in host.table().listeners}
-    owners, _denied = diag.owners_of(listening[p] for p, _n in ports if p in listening)
+    owners = host.listener_owners()
     named = []
     for port, count in ports:
         procs = owners.get(listening.get(port, 0), ())
@@ -501,7 +509,7 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
     inside = [s for s in host.table().listeners if ports.assigns(s.laddr.port)]
     if not inside:
         return
-    owners, _denied = diag.owners_of(s.inode for s in inside)
+    owners = host.listener_owners()
     fixed: dict[int, list[str]] = {}
     chosen: dict[int, list[str]] = {}
     for s in inside:

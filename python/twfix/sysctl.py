@@ -540,7 +540,15 @@ class PortRange:
     @property
     def reserved_inside(self) -> int:
         """How many ports of the range are reserved (overlapping reserved ranges counted once)."""
-        return self.size - len(self._assigned())
+        clipped = sorted(
+            (max(a, self.low), min(b, self.high)) for a, b in self.reserved if a <= self.high and b >= self.low
+        )
+        count, reach = 0, self.low - 1
+        for a, b in clipped:
+            if b > reach:
+                count += b - max(a, reach + 1) + 1
+                reach = b
+        return count
 
     def _assigned(self) -> set[int]:
         ports = set(range(self.low, self.high + 1))
