@@ -105,8 +105,7 @@ fn search(pid: u32, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut 
     };
     let mut here: Vec<Holding> = Vec::new();
     for fd in fds.flatten() {
-        let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(num) = std::str::from_utf8(fd.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(target) = std::fs::read_link(fd.path()) else { continue };

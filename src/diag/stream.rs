@@ -6,6 +6,7 @@
 //! producer thread while the calling thread decodes and aggregates; when no thread can be created
 //! (a pids limit), the dumps run in the calling thread instead, one after the other.
 
+use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::netlink::{self, BOTH, Batch};
@@ -48,7 +49,33 @@ fn netlink_refused(e: &Error) -> bool {
 /// Produce one family's chunks into `sink` (false from `sink`: the consumer stopped). Netlink
 /// datagrams are checked before they are handed on, so a refusal is seen before anything reached
 /// the consumer and can fall back to /proc.
-fn produce(family: u8, q: &Query, sink: &mut dyn FnMut(Chunk) -> bool) -> Result<Outcome> {
+/// Emptied datagram buffers, handed back by the consumer so that the producer receives into them
+/// again: a fresh 64 KiB buffer per datagram, freed on the other thread, cost more CPU than decoding.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+/// Buffers kept for reuse: the chunks in flight, and one being filled.
+const POOL_LIMIT: usize = (CHANNEL_DEPTH + 2) * DATAGRAMS_PER_CHUNK;
+
+impl Pool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default()
+    }
+
+    fn give(&self, buffers: Vec<Vec<u8>>) {
+        if let Ok(mut v) = self.0.lock() {
+            for mut b in buffers {
+                if v.len() >= POOL_LIMIT {
+                    break;
+                }
+                b.clear();
+                v.push(b);
+            }
+        }
+    }
+}
+
+fn produce(family: u8, q: &Query, pool: &Pool, sink: &mut dyn FnMut(Chunk) -> bool) -> Result<Outcome> {
     let from_proc = |sink: &mut dyn FnMut(Chunk) -> bool| -> Result<Outcome> {
         let mut records = Vec::with_capacity(RECORDS_PER_CHUNK);
         let mut open = true;
@@ -72,7 +99,7 @@ fn produce(family: u8, q: &Query, sink: &mut dyn FnMut(Chunk) -> bool) -> Result
         netlink::recv_loop(family, q, |data, seq| {
             let batch = netlink::walk_messages(data, seq, |_| Ok(()))?;
             outcome.interrupted |= batch.interrupted;
-            pending.push(std::mem::take(data));
+            pending.push(std::mem::replace(data, pool.take()));
             if (pending.len() >= DATAGRAMS_PER_CHUNK || batch.done)
                 && !sink(Chunk::Netlink { seq, data: std::mem::take(&mut pending) })
             {
@@ -94,19 +121,23 @@ fn produce(family: u8, q: &Query, sink: &mut dyn FnMut(Chunk) -> bool) -> Result
 }
 
 /// Decode a chunk into `each`.
-fn consume(chunk: Chunk, q: &Query, each: &mut dyn FnMut(&Record)) -> Result<()> {
+fn consume(chunk: Chunk, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) -> Result<()> {
     match chunk {
-        Chunk::Netlink { seq, data } => data.iter().try_for_each(|datagram| {
-            netlink::walk_messages(datagram, seq, |payload| {
-                let mut rec = netlink::decode_diag_msg(payload)?;
-                q.normalise(&mut rec);
-                if q.wants(&rec) {
-                    each(&rec);
-                }
-                Ok(())
-            })
-            .map(|_| ())
-        }),
+        Chunk::Netlink { seq, data } => {
+            let done = data.iter().try_for_each(|datagram| {
+                netlink::walk_messages(datagram, seq, |payload| {
+                    let mut rec = netlink::decode_diag_msg(payload)?;
+                    q.normalise(&mut rec);
+                    if q.wants(&rec) {
+                        each(&rec);
+                    }
+                    Ok(())
+                })
+                .map(|_| ())
+            });
+            pool.give(data);
+            done
+        }
         Chunk::Records(records) => {
             records.iter().for_each(each);
             Ok(())
@@ -149,6 +180,7 @@ pub fn collect<T>(q: &Query, init: impl Fn() -> T, add: impl Fn(&mut T, &Record)
 fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) -> Result<Outcome> {
     let (tx, rx) = sync_channel::<Chunk>(CHANNEL_DEPTH);
     let mut outcome = Outcome::default();
+    let pool = &Pool::default();
     std::thread::scope(|scope| -> Result<()> {
         let mut producers = Vec::new();
         let mut inline = Vec::new();
@@ -156,14 +188,14 @@ fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) ->
             let tx: SyncSender<Chunk> = tx.clone();
             let spawned = std::thread::Builder::new()
                 .name("twfix-dump".into())
-                .spawn_scoped(scope, move || produce(family, q, &mut |c| tx.send(c).is_ok()));
+                .spawn_scoped(scope, move || produce(family, q, pool, &mut |c| tx.send(c).is_ok()));
             match spawned {
                 Ok(handle) => producers.push(handle),
                 Err(_) => inline.push(family), // no thread to be had: dumped below, in this thread
             }
         }
         drop(tx);
-        let consumed = drain(&rx, q, each);
+        let consumed = drain(&rx, q, pool, each);
         for p in producers {
             let produced = p.join().unwrap_or_else(|_| Err(Error::Malformed("dump thread panicked".into())))?;
             outcome.interrupted |= produced.interrupted;
@@ -171,8 +203,8 @@ fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) ->
         consumed?;
         for family in inline {
             let mut result = Ok(());
-            let produced = produce(family, q, &mut |chunk| {
-                result = consume(chunk, q, each);
+            let produced = produce(family, q, pool, &mut |chunk| {
+                result = consume(chunk, q, pool, each);
                 result.is_ok()
             })?;
             result?;
@@ -184,11 +216,11 @@ fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) ->
 }
 
 /// Decode every chunk until all producers are done; after an error, keep draining so none blocks.
-fn drain(rx: &Receiver<Chunk>, q: &Query, each: &mut dyn FnMut(&Record)) -> Result<()> {
+fn drain(rx: &Receiver<Chunk>, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) -> Result<()> {
     let mut consumed = Ok(());
     for chunk in rx.iter() {
         if consumed.is_ok() {
-            consumed = consume(chunk, q, each);
+            consumed = consume(chunk, q, pool, each);
         }
     }
     consumed
