@@ -3,14 +3,15 @@
 Run as root (it makes its namespaces itself, named twfix-bench-N, and deletes them; loopback only):
 
     pip install 'twfix[metrics]'
-    python benches/bench_metrics.py [--namespaces 200] [--count 1000000] [--seconds 100]
+    python benches/bench_metrics.py [--namespaces 50] [--count 200000] [--seconds 100]
 
-Goals (ratios measured in the same run):
-  --all-netns scrape   <= 2x one kernel walk (counters for every namespace, one detailed walk)
-  one-namespace scrape <= 1.3x one kernel walk
-Every namespace's dump walks the host's one shared established hash, so the walk is measured once with the
-whole table in place. TIME-WAIT lasts 60 s: the table holds what the populating loop makes within about a
-minute, so the count reached is printed next to the count asked for.
+Goals (ratios to the floor, wall and CPU, measured interleaved in the same run):
+  --all-netns scrape   <= 1.5x (counters for every namespace, one detailed walk)
+  one-namespace scrape <= 1.3x
+The floor is `_setup.raw_one_walk()` (written for the benchmark, not twfix's dump). Every namespace's dump
+walks the host's one shared established hash, so the floor is measured once with the whole table in place.
+TIME-WAIT lasts 60 s: the table holds what the populating loop makes within about a minute, so the count
+reached is printed next to the count asked for.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import threading
 import time
 
 import twfix
-from _setup import best, private_namespace
-from twfix import _twfix, metrics
+from _setup import private_namespace, raw_one_walk
+from bench_floor import interleaved
+from twfix import metrics
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -64,8 +66,8 @@ def populate_in(name: str, count: int, deadline: float, made: list[int]) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--namespaces", type=int, default=200)
-    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--namespaces", type=int, default=50)
+    parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=100.0, help="populating stops after this long")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -87,10 +89,16 @@ def main() -> None:
             for t in threads:
                 t.join()
         built = time.monotonic() - t0
-        walk = best(lambda: _twfix.netlink_discard("tcp", 0xFFFFFFFF, True), args.repeat)
         enter(names[0])  # the one-namespace scrape reads a busy namespace
-        one = best(lambda: metrics.exposition(), args.repeat)
-        every = best(lambda: metrics.exposition(all_netns=True, detail=1), args.repeat)
+        times = interleaved(
+            {
+                "floor": raw_one_walk,
+                "one": lambda: metrics.exposition(),
+                "every": lambda: metrics.exposition(all_netns=True, detail=1),
+            },
+            args.repeat,
+        )
+        walk, one, every = times["floor"], times["one"], times["every"]
         text = metrics.exposition(all_netns=True, detail=1)
         tw = sum(
             float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("twfix_netns_tcp_time_wait{")
@@ -99,12 +107,18 @@ def main() -> None:
             f"{args.namespaces} namespaces, {int(tw)} TIME-WAIT in all (asked {args.count}, made {sum(made)} "
             f"in {built:.0f} s; TIME-WAIT lasts 60 s)"
         )
-        print(f"{'one kernel walk':<34} {walk * 1000:>9.1f} ms")
-        print(f"{'scrape, one namespace':<34} {one * 1000:>9.1f} ms")
-        print(f"{'scrape, --all-netns (detail 1)':<34} {every * 1000:>9.1f} ms")
+        print(f"{'':<34} {'wall ms':>9} {'CPU ms':>9}")
+        for label, (wall, cpu) in (
+            ("floor: raw one walk (0xFFF)", walk),
+            ("scrape, one namespace", one),
+            ("scrape, --all-netns (detail 1)", every),
+        ):
+            print(f"{label:<34} {wall * 1000:>9.1f} {cpu * 1000:>9.1f}")
         print()
-        for name, value, goal in (("all-netns / walk", every / walk, 2.0), ("one namespace / walk", one / walk, 1.3)):
-            print(f"{name:<24} {value:>6.2f}  <= {goal}  {'ok' if value <= goal else 'MISSED'}")
+        for name, value, goal in (("all-netns / floor", every, 1.5), ("one namespace / floor", one, 1.3)):
+            wall, cpu = value[0] / walk[0], value[1] / walk[1]
+            ok = "ok" if max(wall, cpu) <= goal else "MISSED"
+            print(f"{name:<24} wall {wall:>5.2f}  CPU {cpu:>5.2f}  <= {goal}  {ok}")
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "delete", name], check=False)
