@@ -61,7 +61,13 @@ def dump_entries(
     netns: str | None = None,
 ) -> list[Any]: ...
 def snapshot(
-    proto: str, top: int, ephemeral: bytes, usage: bool, source: str = "auto", netns: str | None = None
+    proto: str,
+    top: int,
+    ephemeral: bytes,
+    usage: bool,
+    source: str = "auto",
+    netns: str | None = None,
+    usage_limit: int = 0,
 ) -> tuple[
     int,
     list[tuple[int, int]],
@@ -72,6 +78,7 @@ def snapshot(
     list[tuple[int, str, int, int, int, bool | None]],
     list[tuple[int, str, str, int, int, int]],
     bool,
+    int,
 ]: ...
 def listeners_in(proto: str, port: int, netns: str | None = None) -> list[tuple[int, str, int]]: ...
 def read_proc_net(names: list[str], netns: str | None = None) -> list[str | None]: ...

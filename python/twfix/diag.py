@@ -345,6 +345,9 @@ class TableSnapshot:
     listeners: tuple[Listener, ...]
     usage: tuple[EphemeralUsage, ...]
     ports: PortRange | None = None
+    # Client-side TIME-WAITs toward destinations that are not loopback, over every destination (also
+    # those that ``usage_limit`` kept out of ``usage``).
+    outgoing_time_wait_not_loopback: int = 0
 
     def _repr_html_(self) -> str:
         listeners = table(
@@ -365,10 +368,12 @@ def snapshot(
     source: str = "auto",
     netns: str | os.PathLike[str] | None = None,
     pid: int | None = None,
+    usage_limit: int | None = None,
 ) -> TableSnapshot:
     """Walk the table once: counts, top ports and peers, listeners and (with ``ports``) ephemeral use
-    per destination. For TCP a listen-only dump comes first; it costs next to nothing (the kernel skips
-    the established hash)."""
+    per destination (the ``usage_limit`` busiest only, or every destination with None: thousands of
+    destinations cost milliseconds to turn into Python objects). For TCP a listen-only dump comes first;
+    it costs next to nothing (the kernel skips the established hash)."""
     proto, family = _kind(kind)
     if family is not None:
         raise ValueError(f"a snapshot covers both families; use kind='tcp' or 'udp', not {kind!r}")
@@ -382,8 +387,14 @@ def snapshot(
         except (OSError, LookupError, ValueError):
             known = None
     port_set = known.port_set() if known is not None else b""
-    total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact = _twfix.snapshot(
-        proto, top, port_set, ports is not None, source, ns
+    total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact, outside = _twfix.snapshot(
+        proto,
+        top,
+        port_set,
+        ports is not None,
+        source,
+        ns,
+        0 if usage_limit is None else max(check_count(usage_limit, "usage_limit"), 1),  # 0: every one
     )
     by_state = {_BY_NUMBER[s]: n for s, n in counts if s in _BY_NUMBER}
     ports_by_state: dict[TcpState, list[tuple[int, int]]] = {}
@@ -416,6 +427,7 @@ def snapshot(
             for _fam, local, remote, rport, used, tw in usage
         ),
         ports,
+        outside,
     )
 
 

@@ -158,7 +158,7 @@ class TwfixCollector(Collector):
         ports = (
             sysctl.port_range_of(rng.value, knobs["net.ipv4.ip_local_reserved_ports"].value) if rng.available else None
         )
-        table = diag.snapshot("tcp", top=self.top, ports=ports, netns=path)
+        table = diag.snapshot("tcp", top=self.top, ports=ports, netns=path, usage_limit=max(self.top, 100))
         report = doctor(root=self.root, netns=path, table=table)
         findings = [(f.code, str(f.severity)) for f in report.findings]
         return _Detail(ns, counts, table, knobs, _overflow(path), findings)

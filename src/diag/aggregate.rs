@@ -158,6 +158,8 @@ pub struct Snapshot {
     /// Whether to count ephemeral use per destination (memory grows with destinations).
     count_usage: bool,
     pub usage: FastMap<UsageKey, (u64, u64)>,
+    /// Client-side TIME-WAITs counted in `usage` whose destination is not a loopback address.
+    pub tw_outgoing_not_loopback: u64,
 }
 
 impl Snapshot {
@@ -202,6 +204,7 @@ impl Snapshot {
             let e = self.usage.entry((r.family, r.src, r.dst, r.dport)).or_insert((0, 0));
             if r.state == TIME_WAIT {
                 e.1 += 1;
+                self.tw_outgoing_not_loopback += u64::from(!is_loopback(r.family, &r.dst));
             } else {
                 e.0 += 1;
             }
@@ -217,6 +220,15 @@ impl Snapshot {
         }
         &self.remotes
     }
+}
+
+/// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104 (addresses as the dump gives them: IPv4 in the first 4 bytes).
+fn is_loopback(family: u8, ip: &[u8; 16]) -> bool {
+    if family == super::AF_INET {
+        return ip[0] == 127;
+    }
+    let v4_mapped = ip[..10].iter().all(|&b| b == 0) && ip[10] == 0xff && ip[11] == 0xff;
+    (ip[..15].iter().all(|&b| b == 0) && ip[15] == 1) || (v4_mapped && ip[12] == 127)
 }
 
 /// The `n` largest counts of each state, largest first (ties by key).
@@ -281,6 +293,25 @@ mod tests {
             peers.iter().map(|((st, _f, _a, p), n)| (*st, *p, *n)).collect::<Vec<_>>(),
             vec![(1, 44900, 1), (6, 44900, 2), (6, 0, 1)]
         );
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        let v4 = |a: [u8; 4]| {
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&a);
+            ip
+        };
+        assert!(is_loopback(super::super::AF_INET, &v4([127, 9, 0, 1])));
+        assert!(!is_loopback(super::super::AF_INET, &v4([10, 0, 0, 1])));
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(is_loopback(10, &one));
+        let mut mapped = [0u8; 16];
+        mapped[10..16].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
+        assert!(is_loopback(10, &mapped));
+        mapped[12] = 10;
+        assert!(!is_loopback(10, &mapped));
     }
 
     #[test]

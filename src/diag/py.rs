@@ -110,6 +110,7 @@ pub type PySnapshot = (
     Vec<PyListener>,
     Vec<PyUsage>,
     bool,
+    u64,
 );
 
 /// One walk of the table, aggregated while it streams: (total, per-state counts, top local ports per
@@ -122,7 +123,8 @@ pub type PySnapshot = (
 /// comes first: it is cheap (the kernel skips the established hash) and tells server-side TIME-WAIT
 /// and accepted connections apart from outgoing ones.
 #[pyfunction]
-#[pyo3(signature = (proto, top, ephemeral, usage, source="auto", netns=None))]
+#[pyo3(signature = (proto, top, ephemeral, usage, source="auto", netns=None, usage_limit=0))]
+#[allow(clippy::too_many_arguments)] // the Python-facing signature; every argument is a plain value
 pub fn snapshot(
     py: Python<'_>,
     proto: &str,
@@ -131,6 +133,7 @@ pub fn snapshot(
     usage: bool,
     source: &str,
     netns: Option<String>,
+    usage_limit: usize,
 ) -> PyResult<PySnapshot> {
     let proto = Proto::parse(proto)?;
     let source = Source::parse(source)?;
@@ -159,13 +162,23 @@ pub fn snapshot(
         .iter()
         .map(|r| (r.family, format_ip(r.family, &r.src), r.sport, r.uid, r.inode, r.v6only))
         .collect();
-    let mut usage: Vec<PyUsage> = s
-        .usage
-        .iter()
+    // The busiest destinations first; with `usage_limit`, only that many are turned into Python objects
+    // (two address strings each: thousands of destinations would cost milliseconds).
+    let mut busiest: Vec<(&super::aggregate::UsageKey, &(u64, u64))> = s.usage.iter().collect();
+    let order = |a: &(&super::aggregate::UsageKey, &(u64, u64)), b: &(&super::aggregate::UsageKey, &(u64, u64))| {
+        (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then_with(|| a.0.cmp(b.0))
+    };
+    if usage_limit > 0 && usage_limit < busiest.len() {
+        busiest.select_nth_unstable_by(usage_limit - 1, order);
+        busiest.truncate(usage_limit);
+    }
+    busiest.sort_unstable_by(order);
+    let usage: Vec<PyUsage> = busiest
+        .into_iter()
         .map(|(&(f, src, dst, dport), &(used, tw))| (f, format_ip(f, &src), format_ip(f, &dst), dport, used, tw))
         .collect();
-    usage.sort_unstable_by(|a, b| (b.4 + b.5).cmp(&(a.4 + a.5)).then_with(|| a.cmp(b)));
-    Ok((s.total, counts, ports, remotes, s.tw_hist.to_vec(), s.tw_server_side, listeners, usage, exact))
+    let outside = s.tw_outgoing_not_loopback;
+    Ok((s.total, counts, ports, remotes, s.tw_hist.to_vec(), s.tw_server_side, listeners, usage, exact, outside))
 }
 
 /// The listening (TCP) or unconnected (UDP) sockets on `port`, as (family, ip, port), in the network
