@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,31 +280,22 @@ def test_a_server_that_binds_without_reuseaddr_needs_an_unheld_port(netns: NetNS
             thread.join(timeout=10)
 
 
+COMPETITOR_SCRIPT = Path(__file__).parent / "field" / "competitor.py"
+
+
 def _race(pool: PortPool, hold: bool, tries: int = 40) -> tuple[int, int]:
     """(failed binds, successful tries) of tries that reserve a port, spend 3 ms on set-up as a test does,
-    then bind it with socket.create_server, while a competitor binds every port it can of the ten candidates
-    explicitly (no SO_REUSEADDR), holds them 2 ms, lets go for 1 ms and starts again."""
-    stop = threading.Event()
-
-    def churn() -> None:
-        while not stop.is_set():
-            mine = []
-            for port in range(20000, 20010):
-                s = socket.socket()
-                try:
-                    s.bind(("127.0.0.1", port))
-                    mine.append(s)
-                except OSError:
-                    s.close()
-            time.sleep(0.002)
-            for s in mine:
-                s.close()
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=churn, daemon=True)
-    thread.start()
+    then bind it with socket.create_server, while a competitor process binds every port it can of the ten
+    candidates explicitly (no SO_REUSEADDR), holds them 4 ms, lets go for 1 ms and starts again."""
+    competitor = subprocess.Popen(
+        [sys.executable, str(COMPETITOR_SCRIPT), "--explicit", "20000-20009", "--seconds", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     failures = done = 0
     try:
+        assert competitor.stdout is not None
+        assert competitor.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 60
         while done < tries and time.monotonic() < deadline:
             try:
@@ -320,8 +310,8 @@ def _race(pool: PortPool, hold: bool, tries: int = 40) -> tuple[int, int]:
             pool.release(port)
             done += 1
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        competitor.kill()
+        competitor.communicate()
     return failures, done
 
 
