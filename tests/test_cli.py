@@ -324,3 +324,29 @@ def test_each_command_in_a_subprocess(netns: NetNS, argv: list[str], status: int
     assert proc.returncode == status, proc.stderr
     assert proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_a_mistyped_command_gets_a_suggestion_and_a_bad_option_the_subcommands_usage() -> None:
+    code, _, err = run("doctr")
+    assert code == 2
+    assert "did you mean 'doctor'?" in err
+    code, _, err = run("doctor", "--bogus")
+    assert code == 2
+    assert err.startswith("usage: twfix doctor")
+    assert "unrecognized arguments: --bogus" in err
+
+
+def test_who_on_a_udp_only_port_suggests_udp(netns: NetNS) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        code, out, _ = run("who", str(port))
+        assert code == 1
+        assert f"twfix who --udp {port}" in out
+
+
+def test_tune_write_says_how_to_load_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "99-twfix.conf"
+    code, out, _ = run("tune", "--write", str(target))
+    assert code == 0
+    assert f"sysctl -p {target}" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 from pathlib import Path
 
@@ -10,11 +11,18 @@ import pytest
 
 import twfix
 from tests.conftest import NetNS
+from twfix import cli
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "twfix.ipynb"
 
 
-def test_example_notebook_renders_every_result(netns: NetNS) -> None:
+@pytest.mark.parametrize("situation", ["clean", "warning"])
+def test_example_notebook_renders_every_result(netns: NetNS, situation: str) -> None:
+    """An example shows results, whatever they are: also on a host where the doctor warns."""
+    if situation == "warning":
+        netns.sysctl("net.ipv4.tcp_tw_reuse", 1)
+        netns.sysctl("net.ipv4.tcp_timestamps", 0)  # tcp_tw_reuse without timestamps: a warning
+        assert not twfix.doctor().ok
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -79,6 +87,10 @@ def test_watch_stops_on_ctrl_c_and_keeps_its_samples(netns: NetNS, monkeypatch: 
     assert w.interrupted
     assert len(w.samples) == 2
     assert "stopped early" in str(w)
+    calls.clear()
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["watch", "--interval", "0.01", "--duration", "10"], out=out, err=err) == 130  # as Ctrl-C
+    assert "stopped early" in out.getvalue()
     with pytest.raises(ValueError, match="interval"):
         twfix.watch(interval=0)
     with pytest.raises(ValueError, match="duration"):

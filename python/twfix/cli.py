@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -48,6 +50,13 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
+        # "invalid choice: 'doctr'": say which command was meant (argparse does so itself only from 3.12).
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = [c.strip().strip("'") for c in found.group(2).split(",")]
+            close = difflib.get_close_matches(found.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         raise _UsageError(self, message)
 
 
@@ -191,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
     _namespace_options(p)
+    parser.subcommands = dict(sub.choices)  # type: ignore[attr-defined]  # each one's usage for its errors
     return parser
 
 
@@ -435,7 +445,11 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
         _dump(holders.to_dict(), out)
         return 0 if holders.holders else 1
     if not holders.holders:
-        out.write(f"nothing holds {kind} port {args.port}\n")
+        other = "tcp" if args.udp else "udp"
+        held = diag.sockets(other, port=args.port, **_ns(args))
+        command = "twfix who --udp" if other == "udp" else "twfix who"
+        hint = f" ({len(held)} {other} socket(s) hold it: {command} {args.port})"
+        out.write(f"nothing holds {kind} port {args.port}{hint if held else ''}\n")
         return 1
     if args.all:
         _write(out, str(holders))
@@ -502,22 +516,23 @@ def _cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     result = watch(args.interval, args.duration, kind="udp" if args.udp else "tcp", progress=False, **_ns(args))
+    stopped = 130 if result.interrupted else 0  # Ctrl-C: the samples so far, and the shell's status for SIGINT
     if args.json:
         _dump(result.to_records(), out)
-        return 0
+        return stopped
     rates = result.time_wait_rate()
     for sample, rate in zip(result.samples, rates, strict=True):
         counts = ", ".join(f"{k} {v}" for k, v in sample.by_state.items()) or "no sockets"
         out.write(f"{sample.at:7.1f} s  {counts}  (TIME-WAIT {rate:+.1f}/s)\n")
     out.write(str(result) + "\n")
-    return 0
+    return stopped
 
 
 def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
     try:
         from twfix import metrics  # the optional extra: twfix[metrics]
     except ImportError as exc:
-        raise TwfixError("twfix metrics needs prometheus_client: pip install 'twfix[metrics]'") from exc
+        raise TwfixError("needs prometheus_client: pip install 'twfix[metrics]'") from exc
     options: dict[str, Any] = {
         "all_netns": args.all_netns,
         "top": args.top,
@@ -579,6 +594,7 @@ def _cmd_tune(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"wrote {written.path}" + (f" (previous version kept as {written.backup})" if written.backup else "") + "\n"
         )
+        out.write(f"load it now with: sysctl -p {written.path} (at boot, systemd-sysctl reads /etc/sysctl.d)\n")
         return 0
     if args.apply:
         if not plan.changes:
@@ -649,7 +665,12 @@ def _silence(out: TextIO) -> None:
 def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # an option the subcommand does not know: its own usage, not the top-level one
+            subcommands: dict[str, argparse.ArgumentParser] = getattr(parser, "subcommands", {})
+            subcommands.get(getattr(args, "command", None) or "", parser).error(
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
     except _UsageError as exc:
         exc.parser.print_usage(err)  # the subcommand's own usage
         err.write(f"{exc}\n")
