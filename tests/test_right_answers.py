@@ -245,3 +245,16 @@ def test_reusable_tcp_servers_put_ipv4_first_like_tornado(netns: NetNS, monkeypa
     finally:
         for s in (*theirs, *ours):
             s.close()
+
+
+def test_explain_and_the_doctor_agree_on_a_bind0_listener(netns: NetNS) -> None:
+    """One rule decides whether the kernel chose a listener's port: explain no longer warns about what the
+    doctor calls fine (LISTEN-EPHEMERAL-CHOSEN)."""
+    with twfix.reusable_tcp_server(0, "127.0.0.1") as srv:
+        port = srv.getsockname()[1]
+        codes = {f.code for f in twfix.doctor().findings}
+        assert "LISTEN-EPHEMERAL-CHOSEN" in codes
+        assert "LISTEN-IN-EPHEMERAL" not in codes
+        why = twfix.explain(port, "127.0.0.1")
+        assert not any("where outgoing connections may take it" in r for r in why.reasons)
+        assert any("most likely the kernel chose it" in r for r in why.reasons)

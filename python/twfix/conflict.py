@@ -32,7 +32,7 @@ from twfix import _twfix, netns, sysctl
 from twfix._args import check_host, check_kind, check_port, namespace_path, resolve
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
-from twfix.diag import Process, SocketEntry, TcpState, format_endpoint, holders_of, port_entries
+from twfix.diag import Process, SocketEntry, TcpState, chosen_by_kernel, format_endpoint, holders_of, port_entries
 from twfix.errors import AddressInUseError
 from twfix.sysctl import PortRange
 
@@ -379,7 +379,14 @@ def _build(
 ) -> Explanation:
     reasons = list(reasons or [])
     if f.ports is not None and f.ports.assigns(f.port) and f.plain != 0 and cause != "time-wait-client":
-        reasons.append(f"port {f.port} lies inside the ephemeral range, where outgoing connections may take it")
+        procs = [p for h in (*f.listeners, *f.connections) for p in h.processes]
+        if f.listeners and chosen_by_kernel(f.ports, f.port, procs):
+            reasons.append(
+                f"port {f.port} lies inside the ephemeral range with the parity bind(0) takes first, and no holder "
+                "names it on its command line: most likely the kernel chose it for this listener (bind to port 0)"
+            )
+        else:
+            reasons.append(f"port {f.port} lies inside the ephemeral range, where outgoing connections may take it")
     reserved = f.ports is not None and f.ports.is_reserved(f.port)
     if reserved:
         reasons.append(f"port {f.port} is in ip_local_reserved_ports: only automatic assignment skips it")

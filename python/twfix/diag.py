@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -618,6 +619,17 @@ def _owners(inodes: Iterable[int], ns: str | None) -> tuple[dict[int, tuple[Proc
     for inode, pid, fd in triples:
         held.setdefault(inode, []).append(processes[pid]._replace(fd=fd))
     return {inode: tuple(procs) for inode, procs in held.items()}, denied, skipped, skipped_fds
+
+
+def chosen_by_kernel(ports: PortRange, port: int, processes: Iterable[Process]) -> bool:
+    """Was ``port`` most likely handed out by bind(0) rather than chosen by a service? The one rule the
+    doctor and the explanations share: it lies in the range with the parity bind(0) searches first, and no
+    holder names it on its command line (``--port 8080``, ``:8080``, ``port=8080``). A service that reads
+    its port from a configuration file looks the same; the answer is a likelihood."""
+    if not ports.bind_first(port):
+        return False
+    pattern = re.compile(rf"(?<![0-9]){port}(?![0-9])")
+    return not any(pattern.search(arg) for p in processes for arg in p.cmdline)
 
 
 def holders_of(entries: list[SocketEntry], port: int, kind: str, ns: str | None = None) -> Holders:

@@ -515,10 +515,8 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
     for s in inside:
         procs = owners.get(s.inode, ())
         names = [f"pid {p.pid} ({printable(p.name)})" for p in procs]
-        # bind(0) takes ports of the parity connect() does not take first; a port of that parity that no
-        # owner names on its command line was most likely chosen by the kernel (Jupyter kernels, test
-        # servers), which is how the ephemeral range is meant to be used.
-        by_kernel = s.laddr.port % 2 != ports.low % 2 and not any(_names_port(p, s.laddr.port) for p in procs)
+        # Chosen by the kernel (Jupyter kernels, test servers): how the ephemeral range is meant to be used.
+        by_kernel = diag.chosen_by_kernel(ports, s.laddr.port, procs)
         (chosen if by_kernel else fixed).setdefault(s.laddr.port, []).extend(names)
     if fixed:
         listed = sorted(fixed)
@@ -547,12 +545,6 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
             "",
             "bind(0) hands out ports of the range's other parity first; such listeners are fine where they are",
         )
-
-
-def _names_port(proc: diag.Process, port: int) -> bool:
-    """Does the process's command line mention ``port`` (``--port 8080``, ``:8080``, ``port=8080``)?"""
-    pattern = re.compile(rf"(?<![0-9]){port}(?![0-9])")
-    return any(pattern.search(arg) for arg in proc.cmdline)
 
 
 _FOLKLORE: Final = {
