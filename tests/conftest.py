@@ -5,14 +5,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import importlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from twfix.pytest_plugin import NetworkNamespace
 
@@ -22,6 +26,15 @@ NetNS = NetworkNamespace
 
 # A real-style project run by tests/field/test_realsuite.py, never collected as part of this suite.
 collect_ignore = ["field/realsuite"]
+
+# With TWFIX_REQUIRE_EXTRAS=1 (set by .ci/run), a test extra that fails to import fails the tests that
+# need it instead of skipping them: CI cannot go green with a dependency silently missing.
+if os.environ.get("TWFIX_REQUIRE_EXTRAS", "") not in ("", "0"):
+
+    def _required(modname: str, *_args: object, **_kwargs: object) -> types.ModuleType:
+        return importlib.import_module(modname)
+
+    pytest.importorskip = _required  # type: ignore[assignment]
 
 
 LISTENER_CHILD = (

@@ -22,13 +22,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
-from twfix import _twfix, netns, sysctl
+from twfix import _twfix, kernel, netns, sysctl
 from twfix._args import check_host, check_kind, check_port, namespace_path, resolve
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
@@ -126,10 +125,12 @@ class Explanation:
     elsewhere: tuple[NamespaceHolder, ...] = ()
 
     def __str__(self) -> str:
-        lines = [printable(self.verdict)]
-        lines += [f"  - {printable(r)}" for r in self.reasons]
-        lines += [f"  > {printable(a)}" for a in self.advice]
-        return "\n".join(lines)
+        return "\n".join([printable(self.verdict), *self.detail_lines()])
+
+    def detail_lines(self) -> list[str]:
+        """The reasons and the advice as printed under the verdict (escaped): the one rendering that both
+        ``str()`` and the constructors' AddressInUseError message use."""
+        return [f"  - {printable(r)}" for r in self.reasons] + [f"  > {printable(a)}" for a in self.advice]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,13 +152,13 @@ def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:
     try:
         rows = sysctl.read(names, netns=ns)
     except OSError:
-        return None, 1024
+        return None, kernel.UNPRIVILEGED_PORT_START
     rng, reserved, start = (rows[n].value for n in names)
     try:
         ports: PortRange | None = sysctl.port_range_of(rng, reserved)
     except ValueError:
         ports = None
-    return ports, start if isinstance(start, int) else 1024
+    return ports, start if isinstance(start, int) else kernel.UNPRIVILEGED_PORT_START
 
 
 def _probe(kind: str, family: int, ip: str, port: int, flags: int, ns: str | None = None) -> int:
@@ -517,20 +518,7 @@ def _orphan_retries(ns: str | None) -> tuple[int | None, int | None]:
         return None, None
     if not isinstance(value, int):
         return None, None
-    return value, value or 8
-
-
-_RTO_MIN: Final = 0.2  # TCP_RTO_MIN, seconds
-_RTO_MAX: Final = 120.0  # TCP_RTO_MAX
-
-
-def _retry_model(boundary: int) -> float:
-    """tcp_model_timeout() with the minimum RTO: the seconds ``boundary`` retransmissions take when each
-    waits twice the last, from 200 ms up to 120 s."""
-    thresh = int(math.log2(_RTO_MAX / _RTO_MIN))
-    if boundary <= thresh:
-        return ((2 << boundary) - 1) * _RTO_MIN
-    return ((2 << thresh) - 1) * _RTO_MIN + (boundary - thresh) * _RTO_MAX
+    return value, value or kernel.ORPHAN_RETRIES_WHEN_ZERO
 
 
 def _explain_orphans(f: _Facts) -> Explanation:
@@ -554,7 +542,7 @@ def _explain_orphans(f: _Facts) -> Explanation:
         made = max(e.retrans for e in retransmitting)
         nxt = _seconds(retransmitting)
         if allowed is not None:
-            model = _retry_model(allowed)
+            model = kernel.orphan_give_up_seconds(allowed)
             limit = (
                 f"the kernel gives up: at the first retransmission timer that fires once {model:.1f} s have passed "
                 f"since the first retransmission, the time {allowed} retransmissions take from the minimum RTO of "
@@ -822,8 +810,7 @@ def address_in_use(
         # Nothing to add (or the holder left meanwhile): keep the kernel's word.
         message = f"Address already in use: {where}{printable(asked)} ({exc.strerror})"
     else:
-        message = f"Address already in use: {printable(explanation.verdict)}{printable(asked)}"
-        details = str(explanation).split("\n", 1)
-        if len(details) == 2:
-            message += "\n" + details[1]
+        message = "\n".join(
+            [f"Address already in use: {printable(explanation.verdict)}{printable(asked)}", *explanation.detail_lines()]
+        )
     return AddressInUseError(message, address=(ip, port), protocol=protocol, explanation=explanation)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from twfix import _twfix, sysctl
+from twfix import _twfix, kernel, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import SEVERITY_COLOURS, Cell, table
 from twfix._text import printable
@@ -72,27 +72,15 @@ class TcpState(enum.StrEnum):
         return _BY_NUMBER[n]
 
 
-# The one table of state names and numbers (include/net/tcp_states.h): enum order is kernel order.
-_NUMBER: Final = {s: i for i, s in enumerate(TcpState, 1)}
+# State numbers and ss's spellings come from the kernel's table (twfix.kernel), never from enum order.
+_NUMBER: Final = {TcpState(name): number for name, number, _ss in kernel.TCP_STATES}
 _BY_NUMBER: Final = {i: s for s, i in _NUMBER.items()}
 _ALL_STATES: Final = 0xFFFFFFFF
-# TCP states 0..11: the established and listening hashes. Bound-only sockets (BOUND_INACTIVE, Linux 6.8+)
-# are left out of whole-table walks, because asking for them adds a walk of the bind hash that every
-# namespace of the host shares; a filter that names the state, or a question about one port, asks for them.
-_WALK_STATES: Final = ((1 << 12) - 1) & ~(1 << TcpState.CLOSE.number)  # CLOSE stands for the same sockets
-# ss's spellings: UNCONN is how ss names an unconnected UDP socket, which the kernel calls CLOSE.
-_ALIASES: Final = {
-    "TIME-WAIT": "TIME_WAIT",
-    "FIN-WAIT-1": "FIN_WAIT1",
-    "FIN-WAIT-2": "FIN_WAIT2",
-    "UNCONN": "CLOSE",
-    "ESTAB": "ESTABLISHED",
-    "SYN-SENT": "SYN_SENT",
-    "SYN-RECV": "SYN_RECV",
-    "CLOSE-WAIT": "CLOSE_WAIT",
-    "LAST-ACK": "LAST_ACK",
-    "BOUND-INACTIVE": "BOUND_INACTIVE",
-}
+# Whole-table walks leave bound-only sockets out (see kernel.WALK_STATES).
+_WALK_STATES: Final = kernel.WALK_STATES
+# ss's spellings (UNCONN: an unconnected UDP socket, which the kernel calls CLOSE): names a filter accepts
+# besides twfix's own.
+_ALIASES: Final = {ss.upper(): name for name, _number, ss in kernel.TCP_STATES if ss.upper() != name}
 
 
 class Addr(NamedTuple):
@@ -192,7 +180,7 @@ def _state_mask(states: Iterable[TcpState | str] | None) -> int:
 
 # What the native dump_entries() builds SocketEntry tuples from: families, and states by number (0 unused).
 _FAMILY_OBJS: Final = [socket.AF_INET, socket.AF_INET6]
-_STATE_OBJS: Final = [TcpState.CLOSE] + [_BY_NUMBER[n] for n in range(1, 14)]
+_STATE_OBJS: Final = [TcpState.CLOSE] + [_BY_NUMBER[n] for n in range(1, max(_BY_NUMBER) + 1)]
 
 
 def sockets(

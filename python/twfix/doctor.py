@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, diag, netns, sysctl
+from twfix import _twfix, diag, kernel, netns, sysctl
 from twfix._args import namespace_path
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
@@ -417,7 +417,7 @@ def _ephemeral_range(host: _Host) -> Iterator[Finding]:
         )
 
 
-_DEFAULT_RANGE: Final = (32768, 60999)
+_DEFAULT_RANGE: Final = kernel.DEFAULT_PORT_RANGE
 
 
 def _wider_range(host: _Host, lo: int, hi: int) -> tuple[int, int]:

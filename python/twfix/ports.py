@@ -38,7 +38,7 @@ import struct
 import threading
 from typing import Final
 
-from twfix import sysctl
+from twfix import kernel, sysctl
 from twfix._args import check_kind
 
 __all__ = ["PortPool", "PortsExhaustedError", "lock_directory"]
@@ -111,7 +111,8 @@ def _lock_file() -> int:
 def _candidates(low_limit: int) -> list[int]:
     """Ports automatic assignment never hands out, at or above ``low_limit``."""
     ports = sysctl.port_range()
-    return [p for p in range(max(low_limit, 1024), 65536) if not ports.assigns(p)]
+    # Never below the default unprivileged start, even for root: those are the well-known service ports.
+    return [p for p in range(max(low_limit, kernel.UNPRIVILEGED_PORT_START), 65536) if not ports.assigns(p)]
 
 
 class PortPool:
@@ -130,8 +131,8 @@ class PortPool:
         try:
             start = sysctl.get("net.ipv4.ip_unprivileged_port_start")
         except (OSError, LookupError):
-            start = 1024
-        self._candidates = _candidates(start if isinstance(start, int) else 1024)
+            start = kernel.UNPRIVILEGED_PORT_START
+        self._candidates = _candidates(start if isinstance(start, int) else kernel.UNPRIVILEGED_PORT_START)
         if not self._candidates:
             raise PortsExhaustedError(
                 errno.EADDRNOTAVAIL,

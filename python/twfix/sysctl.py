@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from twfix import _twfix
+from twfix import _twfix, kernel
 from twfix._args import namespace_path
 from twfix._html import table
 from twfix._text import printable
@@ -129,7 +129,7 @@ _CATALOGUE: Final[dict[str, _Knob]] = {
     ),
     "net.ipv4.ip_local_port_range": _Knob(
         "range",
-        (32768, 60999),
+        kernel.DEFAULT_PORT_RANGE,
         "ports",
         "ephemeral ports used by connect() and bind(port 0)",
         "explicitly bound ports",
@@ -160,7 +160,7 @@ _CATALOGUE: Final[dict[str, _Knob]] = {
     ),
     "net.ipv4.ip_unprivileged_port_start": _Knob(
         "int",
-        1024,
+        kernel.UNPRIVILEGED_PORT_START,
         "port",
         "lowest port an unprivileged process may bind",
         "the ephemeral range, which must start at or above it",
@@ -573,12 +573,12 @@ class PortRange:
 
     def connect_first(self, port: int) -> bool:
         """True for a port of the range with the parity connect() searches first (the range's low parity);
-        bind(0) searches the other parity first. The one home of that kernel rule (Linux 4.6+)."""
-        return self.assigns(port) and port % 2 == self.low % 2
+        bind(0) searches the other parity first (the rule itself: :mod:`twfix.kernel`)."""
+        return self.assigns(port) and kernel.connect_first(self.low, port)
 
     def bind_first(self, port: int) -> bool:
         """True for a port of the range with the parity bind(0) searches first (see :meth:`connect_first`)."""
-        return self.assigns(port) and port % 2 != self.low % 2
+        return self.assigns(port) and kernel.bind_first(self.low, port)
 
     def port_set(self) -> bytes:
         """The ports :meth:`assigns` accepts as a 65,536-bit map (bit ``p % 8`` of byte ``p // 8``), the

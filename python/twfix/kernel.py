@@ -1,0 +1,96 @@
+"""Linux's rules for sockets and ports, as data: the one home of every kernel number twfix relies on.
+
+No I/O here: what the running kernel says (its sysctls, its socket table) is read elsewhere; what the
+kernel's source fixes (state numbers, defaults, timer constants, which parity automatic port assignment
+searches first) lives here, and every other module asks this one.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "BIND_FIRST_PARITY_IS_OTHER",
+    "DEFAULT_PORT_RANGE",
+    "ORPHAN_RETRIES_WHEN_ZERO",
+    "RTO_MAX",
+    "RTO_MIN",
+    "TCP_STATES",
+    "TIME_WAIT_SECONDS",
+    "UNPRIVILEGED_PORT_START",
+    "WALK_STATES",
+    "bind_first",
+    "connect_first",
+    "orphan_give_up_seconds",
+    "state_mask",
+]
+
+# (name, number in include/net/tcp_states.h, how `ss` spells it). UDP sockets report CLOSE (ss: UNCONN) or
+# ESTABLISHED. NEW_SYN_RECV is a request socket, reported as SYN_RECV; BOUND_INACTIVE (Linux 6.8+) is a
+# TCP socket bound but neither listening nor connected, which the kernel reports in state CLOSE.
+TCP_STATES: Final[tuple[tuple[str, int, str], ...]] = (
+    ("ESTABLISHED", 1, "estab"),
+    ("SYN_SENT", 2, "syn-sent"),
+    ("SYN_RECV", 3, "syn-recv"),
+    ("FIN_WAIT1", 4, "fin-wait-1"),
+    ("FIN_WAIT2", 5, "fin-wait-2"),
+    ("TIME_WAIT", 6, "time-wait"),
+    ("CLOSE", 7, "unconn"),
+    ("CLOSE_WAIT", 8, "close-wait"),
+    ("LAST_ACK", 9, "last-ack"),
+    ("LISTEN", 10, "listen"),
+    ("CLOSING", 11, "closing"),
+    ("NEW_SYN_RECV", 12, "new-syn-recv"),
+    ("BOUND_INACTIVE", 13, "bound-inactive"),
+)
+
+
+def state_mask(numbers: list[int] | tuple[int, ...]) -> int:
+    """The inet_diag request bit mask of these state numbers."""
+    mask = 0
+    for n in numbers:
+        mask |= 1 << n
+    return mask
+
+
+# A whole-table walk asks for states 0..11 without CLOSE: the established and listening hashes. CLOSE and
+# BOUND_INACTIVE stand for bound-only sockets, and asking for them makes the kernel also walk the bind hash,
+# which every namespace of the host shares (1.2-1.6x the walk, about 6 ms even in an empty namespace).
+WALK_STATES: Final = state_mask(tuple(range(12))) & ~state_mask((7,))
+
+# ip_local_port_range's default since Linux 4.2 (bounds of different parity, as the kernel prefers).
+DEFAULT_PORT_RANGE: Final = (32768, 60999)
+# net.ipv4.ip_unprivileged_port_start's default: ports below it need CAP_NET_BIND_SERVICE.
+UNPRIVILEGED_PORT_START: Final = 1024
+# TCP_TIMEWAIT_LEN: a TIME-WAIT lasts 60 s, whatever tcp_fin_timeout says.
+TIME_WAIT_SECONDS: Final = 60
+# TCP_RTO_MIN and TCP_RTO_MAX, seconds.
+RTO_MIN: Final = 0.2
+RTO_MAX: Final = 120.0
+# tcp_orphan_retries() in net/ipv4/tcp_timer.c: 0 means 8 for a peer that still answers.
+ORPHAN_RETRIES_WHEN_ZERO: Final = 8
+# Automatic assignment (Linux 4.6+): connect() searches ports of the range's low parity first
+# (__inet_hash_connect), bind(0) the other parity first (inet_csk_find_open_port).
+BIND_FIRST_PARITY_IS_OTHER: Final = True
+
+
+def connect_first(low: int, port: int) -> bool:
+    """True for a port with the parity connect() searches first in a range starting at ``low``."""
+    return port % 2 == low % 2
+
+
+def bind_first(low: int, port: int) -> bool:
+    """True for a port with the parity bind(0) searches first in a range starting at ``low``."""
+    return not connect_first(low, port)
+
+
+def orphan_give_up_seconds(retries: int) -> float:
+    """tcp_model_timeout() as retransmits_timed_out() uses it for an orphan: the seconds ``retries``
+    retransmissions take when each waits twice the last, from RTO_MIN up to RTO_MAX. The kernel gives up at
+    the first retransmission timer that fires once this long has passed since the first retransmission."""
+    thresh = 0
+    while RTO_MIN * (2 << thresh) <= RTO_MAX:  # ilog2(RTO_MAX / RTO_MIN)
+        thresh += 1
+    if retries <= thresh:
+        return ((2 << retries) - 1) * RTO_MIN
+    return ((2 << thresh) - 1) * RTO_MIN + (retries - thresh) * RTO_MAX
