@@ -59,7 +59,8 @@ def test_return_types(netns: NetNS) -> None:
 
 def test_notebook_renderings_escape_hostile_text(netns: NetNS) -> None:
     """Every HTML rendering escapes what it shows: a program name, a title, a caption."""
-    from twfix.diag import Holders, PortHolder, TcpState
+    from twfix.diag import TcpState
+    from twfix.owners import Holders, PortHolder
     from twfix.doctor import Finding, Report, Severity
 
     evil = "<img src=x onerror=alert(1)>"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from typing import Any, Final
 
-from twfix import diag, sysctl
+from twfix import diag, owners, sysctl
 from twfix._text import printable
 from twfix.conflict import explain
 from twfix.doctor import doctor
@@ -57,7 +57,7 @@ def run(line: str) -> Any:
     if command == "explain":
         return explain(_port(args[0], command), args[1] if len(args) > 1 else "")
     if command == "who":
-        return diag.who_holds(_port(args[0], command))
+        return owners.who_holds(_port(args[0], command))
     if command == "watch":
         try:
             seconds = float(args[0]) if args else 10.0

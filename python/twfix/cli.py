@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TextIO
 
 import twfix
-from twfix import diag, netns, sysctl, tune
+from twfix import diag, netns, owners, sysctl, tune
 from twfix._args import namespace_path
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
@@ -408,21 +408,21 @@ def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
     if args.count:
         out.write(f"{len(entries)}\n")
         return 0
-    owners: dict[int, tuple[diag.Process, ...]] = {}
+    held: dict[int, tuple[owners.Process, ...]] = {}
     if args.processes:
-        owners, _denied = diag.owners_of(e.inode for e in entries)
+        held, _denied = owners.owners_of(e.inode for e in entries)
     if args.json:
         rows = []
         for e in entries:
             d = e.to_dict()
             if args.processes:
-                d["processes"] = [p._asdict() for p in owners.get(e.inode, ())]
+                d["processes"] = [p._asdict() for p in held.get(e.inode, ())]
             rows.append(d)
         _dump(rows, out)
         return 0
     table = [["State", "Local", "Peer", "Uid", "Timer", "Process" if args.processes else ""]]
     for e in entries:
-        procs = owners.get(e.inode, ())
+        procs = held.get(e.inode, ())
         table.append(
             [
                 str(e.state),
@@ -440,7 +440,7 @@ def _cmd_sockets(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
     kind = "udp" if args.udp else "tcp"
     entries = diag.sockets(kind, port=args.port, **_ns(args))
-    holders = diag.holders_of(entries, args.port, kind, namespace_path(args.netns, args.pid))
+    holders = owners.holders_of(entries, args.port, kind, namespace_path(args.netns, args.pid))
     if args.json:
         _dump(holders.to_dict(), out)
         return 0 if holders.holders else 1
@@ -455,7 +455,7 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
         _write(out, str(holders))
         return 0
     lines = []
-    processes: dict[int, tuple[diag.Process, set[str]]] = {}
+    processes: dict[int, tuple[owners.Process, set[str]]] = {}
     for h in holders.holders:
         for p in h.processes:
             processes.setdefault(p.pid, (p, set()))[1].add(f"{h.state} {h.laddr}")

@@ -31,8 +31,9 @@ from twfix import _twfix, kernel, netns, sysctl
 from twfix._args import check_host, check_kind, check_port, namespace_path, resolve
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
-from twfix.diag import Process, SocketEntry, TcpState, chosen_by_kernel, format_endpoint, holders_of, port_entries
+from twfix.diag import SocketEntry, TcpState, format_endpoint, port_entries
 from twfix.errors import AddressInUseError
+from twfix.owners import Process, chosen_by_kernel, holders_of
 from twfix.sysctl import PortRange
 
 __all__ = ["Explanation", "Holder", "NamespaceHolder", "address_in_use", "explain", "overlaps"]

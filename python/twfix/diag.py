@@ -7,9 +7,7 @@ refused; aggregation runs in Rust while the dump streams.
 from __future__ import annotations
 
 import enum
-import json
 import os
-import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,16 +16,12 @@ from typing import Any, Final, NamedTuple
 from twfix import _twfix, kernel, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import SEVERITY_COLOURS, Cell, table
-from twfix._text import printable
 from twfix.sysctl import PortRange
 
 __all__ = [
     "Addr",
     "EphemeralUsage",
-    "Holders",
     "Listener",
-    "PortHolder",
-    "Process",
     "SocketEntry",
     "SocketList",
     "SocketSummary",
@@ -36,13 +30,10 @@ __all__ = [
     "UsageList",
     "ephemeral_usage",
     "format_endpoint",
-    "holders_of",
-    "owners_of",
     "port_entries",
     "snapshot",
     "sockets",
     "summary",
-    "who_holds",
 ]
 
 
@@ -439,143 +430,6 @@ def ephemeral_usage(*, netns: str | os.PathLike[str] | None = None, pid: int | N
     return UsageList(snapshot("tcp", top=0, ports=sysctl.port_range(netns=ns), netns=ns).usage)
 
 
-class Process(NamedTuple):
-    """A process holding a socket. ``name`` and ``cmdline`` are raw text from /proc, chosen by whoever
-    started the process: escape them before they reach a terminal."""
-
-    pid: int
-    name: str | None
-    cmdline: tuple[str, ...]
-    fd: int | None = None
-
-
-class PortHolder(NamedTuple):
-    """A socket bound to the port, and the processes holding it (none for TIME-WAIT or unseen owners).
-
-    A socket inherited across fork() is held by every process that has it open (a prefork server's
-    master and workers): ``processes`` lists them all, ``pid``/``name``/``cmdline`` are the first.
-    """
-
-    state: TcpState
-    laddr: Addr
-    raddr: Addr | None
-    uid: int
-    inode: int
-    pid: int | None = None
-    name: str | None = None
-    cmdline: tuple[str, ...] = ()
-    processes: tuple[Process, ...] = ()
-
-    @property
-    def owned(self) -> bool:
-        return self.pid is not None
-
-
-@dataclass(frozen=True)
-class Holders:
-    """Answer of :func:`who_holds`: the holders and a note on what could not be seen."""
-
-    port: int
-    kind: str
-    holders: tuple[PortHolder, ...]
-    denied: int = 0
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "port": self.port,
-            "kind": self.kind,
-            "holders": [
-                {**h._asdict(), "state": str(h.state), "processes": [p._asdict() for p in h.processes]}
-                for h in self.holders
-            ],
-            "denied": self.denied,
-            "note": self.note,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return [
-            {**h._asdict(), "state": str(h.state), "processes": [p._asdict() for p in h.processes]}
-            for h in self.holders
-        ]
-
-    def _repr_html_(self) -> str:
-        rows = [
-            (
-                str(h.state),
-                str(h.laddr),
-                str(h.raddr) if h.raddr else "",
-                ", ".join(str(p.pid) for p in h.processes),
-                printable(h.name or ""),
-                printable(" ".join(h.cmdline)),
-            )
-            for h in self.holders
-        ]
-        # Processes first, then kernel-owned sockets: a busy port has thousands of TIME-WAITs.
-        rows.sort(key=lambda r: r[3] == "")
-        caption = f"{self.kind} port {self.port}" + (f" ({self.note})" if self.note else "")
-        headers = ("state", "local", "remote", "pid", "program", "command")
-        return table("twfix-holders", caption, headers, rows, total=len(rows))
-
-    def __str__(self) -> str:
-        if not self.holders:
-            return f"nothing holds {self.kind} port {self.port}"
-        lines = [f"{self.kind} port {self.port}:"]
-        for h in self.holders:
-            peer = f" -> {h.raddr}" if h.raddr else ""
-            if h.state == TcpState.TIME_WAIT:
-                who = "no process (TIME-WAIT belongs to the kernel)"
-            elif h.processes:
-                who = "; ".join(
-                    f"pid {p.pid} {printable(p.name)} (uid {h.uid}): {printable(' '.join(p.cmdline)[:120])}"
-                    for p in h.processes
-                )
-            else:
-                who = f"uid {h.uid}, process not visible"
-            lines.append(f"  {h.state:<12} {h.laddr}{peer}  {who}")
-        if self.note:
-            lines.append(f"  note: {self.note}")
-        return "\n".join(lines)
-
-    def describe_processes(self) -> str:
-        """Every process holding the port, one per line, safe to print."""
-        seen: dict[int, Process] = {p.pid: p for h in self.holders for p in h.processes}
-        return "\n".join(f"pid {p.pid} {printable(p.name)}: {printable(' '.join(p.cmdline))}" for p in seen.values())
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(1 << 16)
-    except OSError:
-        return None
-
-
-def _process(pid: int) -> Process:
-    comm = _read(f"/proc/{pid}/comm")
-    raw = _read(f"/proc/{pid}/cmdline")
-    name = comm.decode(errors="replace").rstrip("\n") if comm else None
-    cmd = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a) if raw else ()
-    return Process(pid, name, cmd)
-
-
-def who_holds(
-    port: int, kind: str = "tcp", *, netns: str | os.PathLike[str] | None = None, pid: int | None = None
-) -> Holders:
-    """The sockets bound to ``port`` with their owning processes (pid, name, command line, uid, state).
-
-    Maps socket inodes to every process holding them by reading /proc/PID/fd. Without root, other
-    users' processes cannot be inspected: their sockets are listed without an owner and ``note`` says so.
-    """
-    proto, family = _kind(kind)
-    port = check_port(port)
-    ns = namespace_path(netns, pid)
-    return holders_of(_dump(proto, family, _ALL_STATES, port, "auto", ns), port, kind, ns)
-
-
 def port_entries(
     kind: str, port: int, states: Iterable[TcpState | str] | None = None, ns: str | None = None
 ) -> list[SocketEntry]:
@@ -583,81 +437,3 @@ def port_entries(
     optionally only in ``states`` (a LISTEN-only dump skips the established hash: next to free), in the
     namespace at path ``ns``."""
     return _dump(kind, None, _state_mask(states), port, "auto", ns)
-
-
-def owners_of(inodes: Iterable[int], ns: str | None = None) -> tuple[dict[int, tuple[Process, ...]], int]:
-    """Every process holding each socket inode, and how many processes could not be inspected.
-
-    The processes of the sockets' network namespace (``ns``, a path; None: the caller's) are searched
-    first; processes with more than 4,096 descriptors and those of other namespaces only while a socket
-    still has no owner."""
-    owners, denied, _skipped, _fds = _owners(inodes, ns)
-    return owners, denied
-
-
-def _owners(inodes: Iterable[int], ns: str | None) -> tuple[dict[int, tuple[Process, ...]], int, int, int]:
-    """:func:`owners_of`, plus the processes of the namespace left unsearched and their descriptors."""
-    try:
-        inode: int | None = os.stat(ns or "/proc/thread-self/ns/net").st_ino
-    except OSError:
-        inode = None
-    triples, denied, skipped, skipped_fds = _twfix.socket_owners([i for i in inodes if i], inode)
-    processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
-    held: dict[int, list[Process]] = {}
-    for inode, pid, fd in triples:
-        held.setdefault(inode, []).append(processes[pid]._replace(fd=fd))
-    return {inode: tuple(procs) for inode, procs in held.items()}, denied, skipped, skipped_fds
-
-
-def chosen_by_kernel(ports: PortRange, port: int, processes: Iterable[Process]) -> bool:
-    """Was ``port`` most likely handed out by bind(0) rather than chosen by a service? The one rule the
-    doctor and the explanations share: it lies in the range with the parity bind(0) searches first, and no
-    holder names it on its command line (``--port 8080``, ``:8080``, ``port=8080``). A service that reads
-    its port from a configuration file looks the same; the answer is a likelihood."""
-    if not ports.bind_first(port):
-        return False
-    pattern = re.compile(rf"(?<![0-9]){port}(?![0-9])")
-    return not any(pattern.search(arg) for p in processes for arg in p.cmdline)
-
-
-def holders_of(entries: list[SocketEntry], port: int, kind: str, ns: str | None = None) -> Holders:
-    """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
-    owners, denied, skipped, skipped_fds = _owners((e.inode for e in entries), ns)
-    holders = []
-    for e in entries:
-        procs = owners.get(e.inode, ()) if e.inode else ()
-        first = procs[0] if procs else None
-        holders.append(
-            PortHolder(
-                e.state,
-                e.laddr,
-                e.raddr,
-                e.uid,
-                e.inode,
-                first.pid if first else None,
-                first.name if first else None,
-                first.cmdline if first else (),
-                procs,
-            )
-        )
-    unseen = [h for h in holders if h.inode and h.pid is None]
-    note = None
-    if unseen and denied:
-        note = (
-            f"{len(unseen)} socket(s) have no visible owner: {denied} process(es) of other users could not be "
-            "inspected (run as root to see them)"
-        )
-    elif unseen:
-        note = (
-            f"{len(unseen)} socket(s) are held by processes not visible here: a socket that exists has a live "
-            "owner, so it runs outside this PID namespace (a container sharing this network namespace, or "
-            "twfix itself in one) or /proc hides it (hidepid); run `ss -tulpn` or `lsof -i :PORT` where that "
-            "process is visible, usually on the host"
-        )
-    elif skipped:
-        note = (
-            f"{skipped} process(es) of this namespace holding more than 4096 descriptors ({skipped_fds} in all) "
-            "were not searched once every socket had an owner: other holders of a shared socket among them "
-            "are not listed"
-        )
-    return Holders(port, kind, tuple(holders), denied, note)

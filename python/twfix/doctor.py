@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, diag, kernel, netns, sysctl
+from twfix import _twfix, diag, kernel, netns, owners, sysctl
 from twfix._args import namespace_path
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
@@ -184,7 +184,7 @@ class _Host:
         self._table = table
         self._tcpext: dict[str, int] | None = None
         self._proc_net: dict[str, str | None] | None = None
-        self._owners: dict[int, tuple[diag.Process, ...]] | None = None
+        self._owners: dict[int, tuple[owners.Process, ...]] | None = None
 
     def knob(self, name: str) -> Any:
         """Typed sysctl value, or None when the running kernel lacks it."""
@@ -208,11 +208,11 @@ class _Host:
             self._table = diag.snapshot("tcp", top=_TOP, ports=self.ports, netns=self.ns, usage_limit=_USAGE_LIMIT)
         return self._table
 
-    def listener_owners(self) -> dict[int, tuple[diag.Process, ...]]:
+    def listener_owners(self) -> dict[int, tuple[owners.Process, ...]]:
         """The processes holding each listening socket of the table, found in one search of /proc that
         every rule shares."""
         if self._owners is None:
-            self._owners, _denied = diag.owners_of((s.inode for s in self.table().listeners), self.ns)
+            self._owners, _denied = owners.owners_of((s.inode for s in self.table().listeners), self.ns)
         return self._owners
 
     def proc_net(self, name: str) -> str | None:
@@ -335,10 +335,10 @@ def _time_wait_origin(host: _Host) -> Iterator[Finding]:
     ports = summary.top_local_ports.get(diag.TcpState.TIME_WAIT, [])[:5]
     peers = summary.top_remote.get(diag.TcpState.TIME_WAIT, [])[:5]
     listening = {s.laddr.port: s.inode for s in host.table().listeners}
-    owners = host.listener_owners()
+    held = host.listener_owners()
     named = []
     for port, count in ports:
-        procs = owners.get(listening.get(port, 0), ())
+        procs = held.get(listening.get(port, 0), ())
         who = f" ({', '.join(f'pid {p.pid} {printable(p.name)}' for p in procs)})" if procs else ""
         named.append(f"{port}{who}: {count}")
     side = "servers here close first" if server * 2 >= tw else "clients here close first"
@@ -509,14 +509,14 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
     inside = [s for s in host.table().listeners if ports.assigns(s.laddr.port)]
     if not inside:
         return
-    owners = host.listener_owners()
+    held = host.listener_owners()
     fixed: dict[int, list[str]] = {}
     chosen: dict[int, list[str]] = {}
     for s in inside:
-        procs = owners.get(s.inode, ())
+        procs = held.get(s.inode, ())
         names = [f"pid {p.pid} ({printable(p.name)})" for p in procs]
         # Chosen by the kernel (Jupyter kernels, test servers): how the ephemeral range is meant to be used.
-        by_kernel = diag.chosen_by_kernel(ports, s.laddr.port, procs)
+        by_kernel = owners.chosen_by_kernel(ports, s.laddr.port, procs)
         (chosen if by_kernel else fixed).setdefault(s.laddr.port, []).extend(names)
     if fixed:
         listed = sorted(fixed)
