@@ -60,8 +60,8 @@ def test_return_types(netns: NetNS) -> None:
 def test_notebook_renderings_escape_hostile_text(netns: NetNS) -> None:
     """Every HTML rendering escapes what it shows: a program name, a title, a caption."""
     from twfix.diag import TcpState
+    from twfix.findings import Finding, Report, Severity
     from twfix.owners import Holders, PortHolder
-    from twfix.doctor import Finding, Report, Severity
 
     evil = "<img src=x onerror=alert(1)>"
     holder = PortHolder(TcpState.LISTEN, twfix.Addr("127.0.0.1", 1), None, 0, 1, 42, evil, (evil,))

@@ -14,7 +14,7 @@ import pytest
 
 import twfix
 from tests.conftest import NetNS, listener_without_reuseaddr, run_unprivileged, time_wait_pairs
-from twfix.doctor import Report, Severity
+from twfix.findings import Report, Severity
 
 
 @pytest.fixture

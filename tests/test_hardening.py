@@ -440,7 +440,7 @@ def test_file_parsers_never_crash_on_random_text() -> None:
     """Config lines and knob values come from files and the kernel: random text never raises."""
     import random
 
-    from twfix.doctor import _config_lines
+    from twfix.sysctl_conf import assignments
 
     rng = random.Random(20261125)
     alphabet = "0123456789 -=,.#;\t\n\x00\x1b\u00b2\u0663abcnet.ipv4.tcp_"
@@ -449,5 +449,5 @@ def test_file_parsers_never_crash_on_random_text() -> None:
         for name in ("net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_fin_timeout"):
             value = sysctl.parse(name, text)
             assert isinstance(value, int | str | tuple | list)
-        list(_config_lines(text))
+        list(assignments(text))
         sysctl.is_int_text(text)

@@ -19,8 +19,9 @@ from twfix import _ipython, sysctl, tune
 from twfix._twfix import __version__
 from twfix.conflict import Explanation, explain
 from twfix.diag import Addr, EphemeralUsage, SocketEntry, SocketSummary, TcpState, ephemeral_usage, sockets, summary
-from twfix.doctor import Finding, Report, Severity, doctor
+from twfix.doctor import doctor
 from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
+from twfix.findings import Finding, Report, Severity
 from twfix.owners import Holders, PortHolder, who_holds
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_tcp_servers, reusable_udp
 from twfix.watch import Watch, watch

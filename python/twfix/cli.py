@@ -37,8 +37,9 @@ from twfix._args import namespace_path
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
 from twfix.diag import SocketEntry, TcpState
-from twfix.doctor import Severity, doctor, namespace_findings
+from twfix.doctor import doctor, namespace_findings
 from twfix.errors import TwfixError
+from twfix.findings import Severity
 from twfix.watch import watch
 
 

@@ -8,162 +8,20 @@ private network namespace by the project's tests (tests/test_doctor.py).
 
 from __future__ import annotations
 
-import enum
-import json
 import os
 import platform
-import re
-import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, diag, kernel, netns, owners, sysctl
+from twfix import _twfix, diag, kernel, netns, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
-from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
+from twfix.findings import Change, Finding, Report, Severity, short
 from twfix.sysctl import PortRange
 
-__all__ = ["Change", "Finding", "Report", "Severity", "doctor", "namespace_findings"]
-
-
-class Severity(enum.StrEnum):
-    """How much a finding matters, in increasing order."""
-
-    OK = "ok"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-
-_RANK: Final = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.ERROR: 3}
-
-
-@dataclass(frozen=True)
-class Change:
-    """A sysctl change that fixes a finding: the running value and the one to set, with the reason."""
-
-    name: str
-    before: Any
-    after: Any
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "before": self.before, "after": self.after, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One observation: a stable ``code``, what was seen (``evidence``, structured data), what to do,
-    why, and the sysctl changes that fix it (``fixes``, what ``twfix tune`` proposes)."""
-
-    code: str
-    severity: Severity
-    title: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-    advice: str = ""
-    fact: str = ""
-    fixes: tuple[Change, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "severity": str(self.severity),
-            "title": self.title,
-            "evidence": self.evidence,
-            "advice": self.advice,
-            "fact": self.fact,
-            "fixes": [c.to_dict() for c in self.fixes],
-        }
-
-
-@dataclass(frozen=True)
-class Report:
-    """The findings of one doctor run, worst first."""
-
-    findings: tuple[Finding, ...]
-    kernel: str = ""
-    platform: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when no finding is a warning or an error."""
-        return all(f.severity.rank < Severity.WARNING.rank for f in self.findings)
-
-    @property
-    def worst(self) -> Severity:
-        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=Severity.OK)
-
-    def by_code(self, code: str) -> list[Finding]:
-        return [f for f in self.findings if f.code == code]
-
-    def reaches(self, threshold: Severity) -> bool:
-        return any(f.severity.rank >= threshold.rank for f in self.findings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": 1,
-            "ok": self.ok,
-            "worst": str(self.worst),
-            "kernel": self.kernel,
-            "platform": self.platform,
-            "findings": [f.to_dict() for f in self.findings],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
-
-    def render(self, *, colour: bool = False) -> str:
-        marks = {Severity.OK: "ok", Severity.INFO: "info", Severity.WARNING: "WARN", Severity.ERROR: "ERROR"}
-        colours = {Severity.OK: "32", Severity.INFO: "36", Severity.WARNING: "33", Severity.ERROR: "31"}
-        lines = [f"twfix doctor: kernel {self.kernel or 'unknown'}, {len(self.findings)} findings"]
-        for f in self.findings:
-            mark = f"[{marks[f.severity]:>5}]"
-            if colour:
-                mark = f"\x1b[{colours[f.severity]}m{mark}\x1b[0m"
-            lines.append(f"{mark} {f.code} {printable(f.title)}")
-            if f.evidence:
-                shown = ", ".join(f"{k}={_short(v)}" for k, v in f.evidence.items())
-                lines.append(f"        seen: {shown}")
-            if f.advice:
-                lines.append(f"        advice: {printable(f.advice)}")
-            if f.fact:
-                lines.append(f"        because: {f.fact}")
-        lines.append("verdict: " + ("ok" if self.ok else f"problems found (worst: {self.worst})"))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.render()
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return [f.to_dict() for f in self.findings]
-
-    def _repr_html_(self) -> str:
-        rows = [
-            (
-                (str(f.severity), SEVERITY_COLOURS[str(f.severity)]),
-                f.code,
-                f.title,
-                ", ".join(f"{k}={_short(v)}" for k, v in f.evidence.items()),
-                f.advice,
-            )
-            for f in self.findings
-        ]
-        caption = f"twfix doctor: kernel {self.kernel or 'unknown'}, " + ("ok" if self.ok else f"worst: {self.worst}")
-        headers = ("severity", "code", "finding", "evidence", "advice")
-        colour = SEVERITY_COLOURS[str(self.worst)]
-        return table("twfix-report", caption, headers, rows, total=len(rows), caption_colour=colour)
-
-
-def _short(value: object) -> str:
-    text = printable(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+__all__ = ["doctor", "namespace_findings"]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -235,20 +93,7 @@ class _Host:
         return self._tcpext
 
     def config_files(self) -> list[tuple[Path, OSError | None]]:
-        """The sysctl files systemd-sysctl reads, each with the error that stops twfix from reading it (a
-        file, or the directory it would be listed from); one unreadable place never hides the others."""
-        found: list[tuple[Path, OSError | None]] = [(self.root / "etc" / "sysctl.conf", None)]
-        for d in ("etc/sysctl.d", "run/sysctl.d", "usr/lib/sysctl.d", "lib/sysctl.d"):
-            folder = self.root / d
-            try:
-                names = sorted(os.listdir(folder))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                found.append((folder, exc))
-                continue
-            found += [(folder / n, None) for n in names if n.endswith(".conf")]
-        return found
+        return sysctl_conf.places(self.root)
 
     def change(self, name: str, after: Any, reason: str) -> tuple[Change, ...]:
         """The fix setting ``name`` to ``after``, or nothing when that is already its value."""
@@ -526,7 +371,7 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
             "LISTEN-IN-EPHEMERAL",
             Severity.WARNING,
             f"{len(listed)} service port(s) inside the ephemeral range {ports.low}-{ports.high}: "
-            + _short("; ".join(f"{p} {', '.join(sorted(set(fixed[p]))) or '(owner not visible)'}" for p in listed)),
+            + short("; ".join(f"{p} {', '.join(sorted(set(fixed[p]))) or '(owner not visible)'}" for p in listed)),
             {"ports": listed, "owners": {p: sorted(set(v)) for p, v in fixed.items()}},
             "move the services below the range or add their ports to net.ipv4.ip_local_reserved_ports",
             "an outgoing connection may take such a port first; the service then fails to start with EADDRINUSE "
@@ -540,7 +385,7 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
         yield Finding(
             "LISTEN-EPHEMERAL-CHOSEN",
             Severity.OK,
-            f"{len(listed)} listener(s) on ports the kernel chose (bind to port 0): {_short(listed)}",
+            f"{len(listed)} listener(s) on ports the kernel chose (bind to port 0): {short(listed)}",
             {"ports": listed, "owners": {p: sorted(set(v)) for p, v in chosen.items()}},
             "",
             "bind(0) hands out ports of the range's other parity first; such listeners are fine where they are",
@@ -571,41 +416,6 @@ _FOLKLORE: Final = {
         "syncookies change how a listener answers SYNs under queue overflow, not how connections close",
     ),
 }
-_TW_HINT: Final = re.compile(r"time[_ -]?wait|timewait|tw_(?:reuse|recycle|buckets)|fin_timeout", re.I)
-
-
-def _config_lines(text: str) -> Iterator[tuple[int, str, str, str]]:
-    """(line number, normalised key, value, raw line) of each assignment in a sysctl.d file."""
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            continue
-        key = key.strip().lstrip("-").replace("/", ".")
-        yield n, key, value.strip(), raw
-
-
-def _read_config(path: Path) -> str | None:
-    """A config file's text: a regular file of bounded size, opened without following a FIFO into a hang;
-    None when it is absent or not a regular file (systemd-sysctl reads those, twfix does not)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(_MAX_CONFIG).decode(errors="replace")
-    finally:
-        os.close(fd)
-
-
-# sysctl.d files are small; a larger one is read up to this size.
-_MAX_CONFIG: Final = 1 << 20
 
 
 @_rule
@@ -614,7 +424,7 @@ def _folklore(host: _Host) -> Iterator[Finding]:
         text = None
         if error is None:
             try:
-                text = _read_config(path)
+                text = sysctl_conf.read(path)
             except OSError as exc:
                 error = exc
         if error is not None:
@@ -631,17 +441,11 @@ def _folklore(host: _Host) -> Iterator[Finding]:
         yield from _check_config(host, path, text)
 
 
-def _numeric(value: str) -> bool:
-    """A value an integer knob (or a range of them) accepts: ASCII numbers separated by blanks."""
-    parts = value.split()
-    return bool(parts) and all(sysctl.is_int_text(p) for p in parts)
-
-
 def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
-    mentions_tw = bool(_TW_HINT.search(text))
-    for n, key, value, raw in _config_lines(text):
+    mentions_tw = sysctl_conf.mentions_time_wait(text)
+    for n, key, value, raw in sysctl_conf.assignments(text):
         row = host.knobs.get(key)
-        if row is not None and row.available and isinstance(row.value, int | tuple) and not _numeric(value):
+        if row is not None and row.available and isinstance(row.value, int | tuple) and not sysctl_conf.numeric(value):
             yield Finding(
                 "CONF-BAD-VALUE",
                 Severity.WARNING,

@@ -15,8 +15,9 @@ from typing import Final, Literal
 
 from twfix import _safefile, _twfix, sysctl
 from twfix._args import check_port
-from twfix.doctor import Change, doctor
+from twfix.doctor import doctor
 from twfix.errors import TwfixError
+from twfix.findings import Change
 
 __all__ = ["Change", "Plan", "Written", "apply", "plan", "write"]
 
