@@ -250,10 +250,22 @@ def test_explain_exit_status_and_wait(netns: NetNS) -> None:
     old, port = listener_without_reuseaddr()
     with old:
         time_wait_pairs(old, 2, server_closes=True)
-    code, out, _ = run("wait", str(port), "--host", "127.0.0.1", "--timeout", "0.5")
+    code, out, _ = run("wait", str(port), "--host", "127.0.0.1", "--timeout", "2.5")
     assert code == 1  # TIME-WAIT of a server without SO_REUSEADDR lasts 60 s
-    assert "last TIME-WAIT expires in about" in out
+    assert out.count("waiting: ") == 1  # a pipe gets one line per change, not one per second
+    assert out.count("frees in about") == 1
     assert "timed out" in out
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    assert main(["wait", str(port), "--host", "127.0.0.1", "--timeout", "1.2"], out=term, err=io.StringIO()) == 1
+    shown = term.getvalue()
+    assert shown.count("\r\x1b[Kwaiting: ") >= 2  # one status line, rewritten in place
+    assert shown.count("\n") == 2  # the status line's end, then the last word
+    assert shown.endswith("s\ntimed out after 1.2 s\n")
     srv2 = twfix.reusable_tcp_server(0, "127.0.0.1")
     with srv2:
         time_wait_pairs(srv2, 2, server_closes=True)

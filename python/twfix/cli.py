@@ -497,20 +497,25 @@ def _cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
     if not 0 <= args.timeout <= 86400:
         raise ValueError(f"--timeout must be between 0 and 86400 seconds, got {args.timeout}")
     deadline = time.monotonic() + args.timeout
-    said = ""
+    tty = out.isatty()
+    said: tuple[object, ...] | None = None  # what the last line said: the cause and who, not the countdown
     while True:
         why = _explain(args)
         if why.can_bind or (args.reuse and why.can_bind_with_reuse):
-            out.write(f"{printable(why.verdict) if said else 'free'}: a bind would succeed now\n")
+            done = f"{'' if said is None else chr(10) if tty else ''}free: a bind would succeed now\n"
+            out.write(done)
             return 0
         left = deadline - time.monotonic()
-        if said != why.verdict:
-            when = f" (last TIME-WAIT expires in about {why.frees_in:.0f} s)" if why.frees_in is not None else ""
-            out.write(f"waiting: {printable(why.verdict)}{when}\n")
+        state = (why.cause, tuple(h.inode for h in why.holders), why.time_wait > 0)
+        if tty:  # one status line, rewritten in place (its countdown moves every tick)
+            out.write(f"\r\x1b[Kwaiting: {printable(why.verdict)}")
             out.flush()
-            said = why.verdict
+        elif state != said:  # a pipe or a log: one line per change of situation
+            out.write(f"waiting: {printable(why.verdict)}\n")
+            out.flush()
+        said = state
         if left <= 0:
-            out.write(f"timed out after {args.timeout:g} s\n")
+            out.write(f"{chr(10) if tty else ''}timed out after {args.timeout:g} s\n")
             return 1
         time.sleep(min(0.5, left, max(0.05, why.frees_in or 0.5)))
 
