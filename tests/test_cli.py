@@ -175,6 +175,9 @@ def test_who_lists_processes_first_and_counts_kernel_sockets(netns: NetNS) -> No
 def test_summary_matches_ss(netns: NetNS) -> None:
     from tests.conftest import time_wait_pairs
 
+    # tcp_tw_reuse=2 (the default) lets a later loopback connect() take over a client's TIME-WAIT once a
+    # millisecond has passed: on a slow, busy host some of the 1,000 would vanish before they are counted.
+    netns.sysctl("net.ipv4.tcp_tw_reuse", 0)
     server = twfix.reusable_tcp_server(0, "127.0.0.1", backlog=128)
     client_side = twfix.reusable_tcp_server(0, "127.0.0.1")
     udp = [twfix.reusable_udp(0, "127.0.0.1") for _ in range(7)]

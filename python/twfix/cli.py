@@ -36,7 +36,7 @@ from twfix import diag, netns, owners, sysctl, tune
 from twfix._args import namespace_path
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
-from twfix.diag import SocketEntry, TcpState
+from twfix.diag import SocketEntry
 from twfix.doctor import doctor, namespace_findings
 from twfix.errors import TwfixError
 from twfix.findings import Severity
@@ -358,27 +358,7 @@ def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _print_summary(s: diag.SocketSummary, top: int, out: TextIO) -> None:
-    lines = [f"{s.total} {s.kind.upper()} sockets" + ("" if s.exact else " (the table changed during the dump)")]
-    width = max((len(str(state)) for state in s.by_state), default=5)
-    for state, n in sorted(s.by_state.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {state!s:<{width}}  {n:>9}")
-    for state, ports in sorted(s.top_local_ports.items(), key=lambda kv: -s.by_state.get(kv[0], 0)):
-        shown = ", ".join(f"{p} ({c})" for p, c in ports[:top])
-        peers = ", ".join(f"{a if a.port else a.ip + ' clients'} ({c})" for a, c in s.top_remote.get(state, [])[:top])
-        lines.append(f"{state}:")
-        lines.append(f"  top local ports: {shown}")
-        if peers:
-            lines.append(f"  top peers: {peers}")
-    tw = s.by_state.get(TcpState.TIME_WAIT, 0)
-    if tw:
-        ages = ", ".join(f"{k}: {v}" for k, v in s.time_wait_histogram.items() if v)
-        server = s.time_wait_server_side
-        lines.append(f"TIME-WAIT seconds left: {ages}")
-        lines.append(
-            f"TIME-WAIT by side: {server} server-side (on a listening or service port: servers here closed first), "
-            f"{tw - server} client-side (clients here closed first)"
-        )
-    _write(out, "\n".join(lines))
+    _write(out, s.render(top))
 
 
 def _matches(e: SocketEntry, args: argparse.Namespace) -> bool:

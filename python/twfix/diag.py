@@ -16,6 +16,7 @@ from typing import Any, Final, NamedTuple
 from twfix import _twfix, kernel, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import SEVERITY_COLOURS, Cell, table
+from twfix._text import printable
 from twfix.sysctl import PortRange
 
 __all__ = [
@@ -234,6 +235,41 @@ class SocketSummary:
     time_wait_server_side: int = 0
     exact: bool = True
 
+    def __str__(self) -> str:
+        return self.render()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's text rendering (a notebook's text/plain): the summary, not the dataclass's fields."""
+        printer.text(self.render())
+
+    def render(self, top: int = 5) -> str:
+        """The summary as ``twfix summary`` prints it (``ss -s`` with the top ports and peers per state);
+        peers on a port 0 are the clients of a local listener, counted per address."""
+        lines = [
+            f"{self.total} {self.kind.upper()} sockets" + ("" if self.exact else " (the table changed during the dump)")
+        ]
+        width = max((len(str(state)) for state in self.by_state), default=5)
+        for state, n in sorted(self.by_state.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {state!s:<{width}}  {n:>9}")
+        for state, ports in sorted(self.top_local_ports.items(), key=lambda kv: -self.by_state.get(kv[0], 0)):
+            shown = ", ".join(f"{p} ({c})" for p, c in ports[:top])
+            remote = self.top_remote.get(state, [])[:top]
+            peers = ", ".join(f"{a if a.port else a.ip + ' clients'} ({c})" for a, c in remote)
+            lines.append(f"{state}:")
+            lines.append(f"  top local ports: {shown}")
+            if peers:
+                lines.append(f"  top peers: {printable(peers)}")
+        tw = self.by_state.get(TcpState.TIME_WAIT, 0)
+        if tw:
+            ages = ", ".join(f"{k}: {v}" for k, v in self.time_wait_histogram.items() if v)
+            server = self.time_wait_server_side
+            lines.append(f"TIME-WAIT seconds left: {ages}")
+            lines.append(
+                f"TIME-WAIT by side: {server} server-side (on a listening or service port: servers here closed "
+                f"first), {tw - server} client-side (clients here closed first)"
+            )
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -252,16 +288,6 @@ class SocketSummary:
             {"state": str(s), "count": n, "top_local_ports": self.top_local_ports.get(s, [])}
             for s, n in sorted(self.by_state.items(), key=lambda kv: -kv[1])
         ]
-
-    def __str__(self) -> str:
-        lines = [f"{self.total} {self.kind} sockets"]
-        for state, n in sorted(self.by_state.items(), key=lambda kv: -kv[1]):
-            ports = ", ".join(f"{p} ({c})" for p, c in self.top_local_ports.get(state, [])[:3])
-            lines.append(f"  {state:<13} {n:>8}   top local ports: {ports}")
-        if self.by_state.get(TcpState.TIME_WAIT):
-            hist = ", ".join(f"{k}: {v}" for k, v in self.time_wait_histogram.items())
-            lines.append(f"  TIME_WAIT seconds left: {hist}")
-        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         rows = [
