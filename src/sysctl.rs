@@ -77,14 +77,14 @@ pub fn resolve(name: &str) -> Result<Option<PathBuf>> {
     let rel = relative_path(name)?;
     let path = PathBuf::from(ROOT).join(&rel);
     match std::fs::canonicalize(&path) {
-        Ok(real) => {
-            if !real.starts_with(ROOT) || real == std::path::Path::new(ROOT) {
+        Ok(canonical) => {
+            if !canonical.starts_with(ROOT) || canonical == std::path::Path::new(ROOT) {
                 return Err(Error::Invalid(format!("sysctl name {name:?} resolves outside /proc/sys")));
             }
-            if real.is_dir() {
+            if canonical.is_dir() {
                 return Err(Error::Invalid(format!("{name:?} is a sysctl directory, not a knob")));
             }
-            Ok(Some(real))
+            Ok(Some(canonical))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),

@@ -67,7 +67,7 @@ pub fn owners(inodes: &[u64], netns: Option<u64>) -> Result<OwnerScan> {
         };
         let path = entry.path();
         let ns = std::fs::metadata(path.join("ns/net")).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        let fds = std::fs::metadata(path.join("fd")).map(|m| m.len()).unwrap_or(0);
+        let fds = std::fs::metadata(path.join("fd")).map_or(0, |m| m.len());
         let c = Candidate { pid, netns: ns, fds };
         if (netns.is_none() || ns.is_none() || ns == netns) && fds <= BIG_PROCESS_FDS {
             near.push(c);

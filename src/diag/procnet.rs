@@ -117,7 +117,7 @@ mod tests {
     fn parses_lines() {
         let listen = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2106446 1 00000000c37c4737 100 0 0 10 0";
         let r = parse_line(listen, AF_INET).expect("listen line");
-        assert_eq!((r.state, r.sport, r.inode, r.expires()), (LISTEN, 8080, 2106446, None));
+        assert_eq!((r.state, r.sport, r.inode, r.expires()), (LISTEN, 8080, 2_106_446, None));
         if cfg!(target_endian = "little") {
             assert_eq!(format_ip(r.family, &r.src), "127.0.0.1");
         }

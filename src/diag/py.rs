@@ -9,10 +9,13 @@ use super::stream::{collect, stream};
 use super::{AF_INET, ALL_STATES, Filter, LISTEN, Proto, Query, Source, WALK_STATES, format_ip, netlink, owners};
 use crate::errors::Error;
 
+/// Strings and address objects shared between entries, at most this many of each.
+const CACHE_LIMIT: usize = 1 << 16;
+
 /// Sockets of `proto` in `states` (bitmask, bit n = state n), optionally only local `port`, built
 /// directly as the final Python objects (the hot path of `twfix.sockets()`):
 /// `entry_cls(family, state, addr_cls(ip, port), addr_cls(ip, port) | None, uid, inode, expires_s | None,
-/// v6only | None)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings and
+/// v6only | None, retrans)`, created with `tuple.__new__` as NamedTuple classes allow. Address strings and
 /// address objects repeat a lot in real tables and are shared instead of rebuilt.
 #[pyfunction]
 #[pyo3(signature = (proto, states, port, source, entry_cls, addr_cls, families, state_objs, netns=None))]
@@ -31,10 +34,13 @@ pub fn dump_entries<'py>(
 ) -> PyResult<Bound<'py, PyList>> {
     let q =
         Query::new(Proto::parse(proto)?, states, Source::parse(source)?, port.map_or(Filter::All, Filter::LocalPort));
-    if families.len() != 2 || state_objs.len() != 14 {
-        return Err(
-            Error::Invalid("families must hold 2 objects (AF_INET, AF_INET6), state_objs 14 (0..13)".into()).into()
-        );
+    // The state objects come from Python's table (twfix.kernel), indexed by kernel number; a number past
+    // its end is shown as CLOSE.
+    if families.len() != 2 || state_objs.len() <= usize::from(super::CLOSE) {
+        return Err(Error::Invalid(
+            "families must hold 2 objects (AF_INET, AF_INET6), state_objs one per kernel state number".into(),
+        )
+        .into());
     }
     let (records, _exact) = py.detach(|| crate::netns::run(netns, move || collect(&q, Vec::new, |v, r| v.push(*r))))?;
     let tuple_new = py.get_type::<PyTuple>().getattr("__new__")?;
@@ -42,20 +48,18 @@ pub fn dump_entries<'py>(
     let (yes, no) = (true.into_pyobject(py)?.to_owned().into_any(), false.into_pyobject(py)?.to_owned().into_any());
     let mut strings: FastMap<(u8, [u8; 16]), Bound<'py, PyString>> = FastMap::default();
     let mut addrs: FastMap<(u8, [u8; 16], u16), Bound<'py, PyAny>> = FastMap::default();
-    const CACHE_LIMIT: usize = 1 << 16;
     let mut addr_obj = |family: u8, ip: [u8; 16], port: u16| -> PyResult<Bound<'py, PyAny>> {
         if let Some(a) = addrs.get(&(family, ip, port)) {
             return Ok(a.clone());
         }
-        let text = match strings.get(&(family, ip)) {
-            Some(t) => t.clone(),
-            None => {
-                let t = PyString::new(py, &format_ip(family, &ip));
-                if strings.len() < CACHE_LIMIT {
-                    strings.insert((family, ip), t.clone());
-                }
-                t
+        let text = if let Some(t) = strings.get(&(family, ip)) {
+            t.clone()
+        } else {
+            let t = PyString::new(py, &format_ip(family, &ip));
+            if strings.len() < CACHE_LIMIT {
+                strings.insert((family, ip), t.clone());
             }
+            t
         };
         let pair = PyTuple::new(py, [text.into_any(), port.into_pyobject(py)?.into_any()])?;
         let obj = tuple_new.call1((addr_cls, pair))?;

@@ -218,7 +218,7 @@ fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) ->
 /// Decode every chunk until all producers are done; after an error, keep draining so none blocks.
 fn drain(rx: &Receiver<Chunk>, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) -> Result<()> {
     let mut consumed = Ok(());
-    for chunk in rx.iter() {
+    for chunk in rx {
         if consumed.is_ok() {
             consumed = consume(chunk, q, pool, each);
         }
