@@ -11,7 +11,7 @@ import errno as _errno
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from twfix.conflict import Explanation
+    from twfix.explanation import Explanation
 
 __all__ = ["AddressInUseError", "TwfixError", "UnsupportedPlatformError"]
 

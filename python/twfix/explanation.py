@@ -1,0 +1,116 @@
+"""What an address-conflict explanation holds and how it reads: the holders of a port (with every process
+holding each socket), listeners in other namespaces, and the :class:`Explanation` itself. Data and
+renderings only; ``twfix.conflict`` and ``twfix.verdicts`` make them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twfix._html import SEVERITY_COLOURS, table
+from twfix._text import printable
+from twfix.diag import format_endpoint
+from twfix.owners import Process
+
+__all__ = ["Explanation", "Holder", "NamespaceHolder", "process_list"]
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A socket bound to the port in question, with every process holding it when they could be seen.
+
+    ``processes`` lists them all (a prefork server's master and workers); ``pid``, ``name`` and
+    ``cmdline`` are the first. ``orphan`` marks a connection no process holds any more (the kernel is
+    finishing its close). ``name`` and ``cmdline`` are raw text chosen by whoever started the process.
+    """
+
+    state: str
+    laddr: tuple[str, int]
+    raddr: tuple[str, int] | None
+    uid: int | None
+    pid: int | None = None
+    name: str | None = None
+    cmdline: tuple[str, ...] = ()
+    processes: tuple[Process, ...] = ()
+    orphan: bool = False
+    inode: int = 0
+
+    def describe(self) -> str:
+        peer = f" to {format_endpoint(*self.raddr)}" if self.raddr else ""
+        if self.orphan:
+            who = "no process: an orphaned connection the kernel is closing"
+        elif self.processes:
+            who = process_list(self.processes)
+        else:
+            who = "a process not visible here" + (f" (uid {self.uid})" if self.uid is not None else "")
+        return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
+
+
+def process_list(processes: tuple[Process, ...] | list[Process]) -> str:
+    """``pid 12 (name), pid 13 (name)``, with names escaped: they are chosen by whoever ran the process."""
+    return ", ".join(f"pid {p.pid} ({printable(p.name)})" for p in processes)
+
+
+@dataclass(frozen=True)
+class NamespaceHolder:
+    """A listener on the port in another network namespace of this host (a container, an ``ip netns``)."""
+
+    netns: str
+    laddr: tuple[str, int]
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Whether binding ``host:port`` would succeed now, with and without reuse options, and why.
+
+    ``verdict`` is one line; ``reasons`` and ``advice`` expand it. ``can_bind`` is the result of a
+    plain bind, ``can_bind_with_reuse`` of a bind with twfix's options (SO_REUSEADDR for TCP,
+    SO_REUSEPORT for UDP), both probed on the live kernel (for UDP next to a live socket the reuse
+    probe is not made, and ``can_bind_with_reuse`` is False). ``cause`` is a stable code for the
+    situation and ``confidence`` says how sure the verdict is ("certain", or "likely" where the kernel
+    keeps no record of the answer, such as which side a TIME-WAIT came from).
+    """
+
+    kind: str
+    host: str
+    address: tuple[str, int]
+    verdict: str
+    can_bind: bool
+    can_bind_with_reuse: bool
+    reasons: tuple[str, ...] = ()
+    advice: tuple[str, ...] = ()
+    holders: tuple[Holder, ...] = ()
+    time_wait: int = 0
+    time_wait_reuseaddr: bool | None = None
+    frees_in: float | None = None
+    in_ephemeral_range: bool = False
+    reserved: bool = False
+    privileged: bool = False
+    incomplete: str | None = field(default=None)
+    cause: str = ""
+    confidence: str = "certain"
+    dualstack: bool = False
+    elsewhere: tuple[NamespaceHolder, ...] = ()
+
+    def __str__(self) -> str:
+        return "\n".join([printable(self.verdict), *self.detail_lines()])
+
+    def detail_lines(self) -> list[str]:
+        """The reasons and the advice as printed under the verdict (escaped): the one rendering that both
+        ``str()`` and the constructors' AddressInUseError message use."""
+        return [f"  - {printable(r)}" for r in self.reasons] + [f"  > {printable(a)}" for a in self.advice]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def _repr_html_(self) -> str:
+        ok = self.can_bind or self.can_bind_with_reuse
+        rows = [(("reason", SEVERITY_COLOURS["info"]), r) for r in self.reasons]
+        rows += [(("advice", SEVERITY_COLOURS["ok"]), a) for a in self.advice]
+        colour = SEVERITY_COLOURS["ok" if ok else "error"]
+        return table("twfix-explanation", self.verdict, ("", ""), rows, caption_colour=colour)
