@@ -19,40 +19,27 @@ Options:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
-import importlib.abc
-import importlib.machinery
 import os
-import re
 import socket
-import struct
 import sys
-import traceback
 import types
-import weakref
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Final, Literal
 
 import pytest
 
 import twfix
-from twfix import _twfix, sysctl
+from twfix import _binds, _import_hook, _private_netns
+from twfix._private_netns import NetworkNamespace
 from twfix._text import printable
 from twfix.netns import counters as namespace_counters  # `netns` is a fixture of this module
 from twfix.ports import PortPool
-from twfix.sysctl import PortRange
 
 __all__ = ["BoundSocket", "NetworkNamespace"]
 
 _POOL_KEY: Final = pytest.StashKey[PortPool]()
 _BEFORE_KEY: Final = pytest.StashKey[tuple[set[int], int]]()
-_LOG_KEY: Final = pytest.StashKey["_BindLog"]()
-_CLONE_NEWNET: Final = 0x40000000
+_LOG_KEY: Final = pytest.StashKey[_binds.BindLog]()
 _REQUIRE_NETNS: Final = "TWFIX_REQUIRE_NETNS"
 
 
@@ -138,7 +125,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{_HOLD_MARK}: the test's reserved TCP ports are not held in the kernel (for code that binds them "
         "without SO_REUSEADDR; anything may then take them first)",
     )
-    _watch_binds()
+    _binds.watch()
     if _flag(config, "ports"):
         # The names must exist even where no plugin defines them; pytest_fixture_setup serves the values.
         config.pluginmanager.register(_port_fixture_names(), "twfix-port-overrides")
@@ -331,7 +318,7 @@ def _route_helpers(config: pytest.Config) -> None:
             return
 
         def routed_helper(*_args: Any, **_kwargs: Any) -> int:
-            log = _current
+            log = _binds.current()
             if log is not None and log.ports is not None:
                 return log.ports("tcp")
             ports = config.stash.get(_SESSION_PORTS_KEY, None)
@@ -353,47 +340,9 @@ def _route_helpers(config: pytest.Config) -> None:
         else:
             waiting[module_name] = route
     if waiting:
-        finder = _RouteOnImport(waiting)
+        finder = _import_hook.RouteOnImport(waiting)
         sys.meta_path.insert(0, finder)
         config.add_cleanup(lambda: sys.meta_path.remove(finder) if finder in sys.meta_path else None)
-
-
-class _RouteOnImport(importlib.abc.MetaPathFinder):
-    """Calls ``then(module)`` right after one of the named modules is first executed."""
-
-    def __init__(self, waiting: dict[str, Callable[[types.ModuleType], None]]) -> None:
-        self.waiting = waiting
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        then = self.waiting.get(fullname)
-        if then is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _ThenLoader(spec.loader, then)
-                return spec
-            if spec is not None:
-                return spec
-        return None
-
-
-class _ThenLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any, then: Callable[[types.ModuleType], None]) -> None:
-        self._loader = loader
-        self._then = then
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        return self._loader.create_module(spec)  # type: ignore[no-any-return]
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        self._loader.exec_module(module)
-        self._then(module)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
 
 
 def _config_hold(config: pytest.Config) -> bool:
@@ -403,68 +352,26 @@ def _config_hold(config: pytest.Config) -> bool:
 # ------------------------------------------------------------------ network namespaces
 
 
-class NetworkNamespace:
-    """The private network namespace a test runs in; its sysctls start at kernel defaults."""
-
-    def sysctl(self, name: str, value: object) -> None:
-        """Set a knob in this namespace only (any knob under /proc/sys/net): ``netns.sysctl(
-        "net.ipv4.tcp_tw_reuse", 0)``, ``netns.sysctl("net.ipv4.ip_local_port_range", (40000, 40009))``."""
-        text = " ".join(str(v) for v in value) if isinstance(value, tuple | list) else str(value)
-        self.write_sysctl(name, text)
-
-    def write_sysctl(self, name: str, text: str) -> None:
-        path = _twfix.sysctl_key(name)[1]
-        if not path.startswith("/proc/sys/net/"):
-            raise ValueError(f"{name} is not a per-namespace network knob (/proc/sys/net/...)")
-        with open(path, "w") as f:
-            f.write(text + "\n")  # an empty string alone would never reach the kernel
-
-    def read_sysctl(self, name: str) -> str:
-        with open(_twfix.sysctl_key(name)[1]) as f:
-            return f.read().strip()
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (CAP_SYS_ADMIN) to create a private network namespace"
-    if not os.path.exists("/proc/thread-self/ns/net"):
-        return "no network namespaces here"
-    return None
-
-
-def _loopback_up() -> None:
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, struct.pack("16sH14x", b"lo", 0)))[1]
-        fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
-
-
 @pytest.fixture
 def twfix_netns() -> Iterator[NetworkNamespace]:
     """Run the test in a fresh network namespace with loopback up; the thread's namespace is restored
     afterwards. Skips (fails, with TWFIX_REQUIRE_NETNS=1) where namespaces cannot be created."""
     required = os.environ.get(_REQUIRE_NETNS, "") not in ("", "0")
-    reason = _unavailable()
+    reason = _private_netns.unavailable()
     if reason is not None:
         if required:
             pytest.fail(f"{_REQUIRE_NETNS} is set but {reason}")
         pytest.skip(reason)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if libc.unshare(_CLONE_NEWNET) != 0:
-            why = os.strerror(ctypes.get_errno())
-            if required:
-                pytest.fail(f"{_REQUIRE_NETNS} is set but unshare(CLONE_NEWNET) failed: {why}")
-            pytest.skip(f"cannot create a network namespace: {why}")
-        try:
-            _loopback_up()
-            yield NetworkNamespace()
-        finally:
-            if libc.setns(original, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the test's original network namespace failed")
+        original = _private_netns.enter()
+    except OSError as exc:
+        if required:
+            pytest.fail(f"{_REQUIRE_NETNS} is set but unshare(CLONE_NEWNET) failed: {exc.strerror}")
+        pytest.skip(f"cannot create a network namespace: {exc.strerror}")
+    try:
+        yield NetworkNamespace()
     finally:
-        os.close(original)
+        _private_netns.leave(original)
 
 
 @pytest.fixture
@@ -496,141 +403,19 @@ def _guarded(item: pytest.Item) -> bool:
 # ------------------------------------------------------------------ what the test's process binds
 
 
-class _BindLog:
-    """The binds (and, for the leak guard, the sockets) a test's process made, recorded by an audit hook."""
-
-    def __init__(self, item: pytest.Item, record_creation: bool) -> None:
-        self.item = item
-        self.record_creation = record_creation
-        # (socket, family, type, host, port, SO_REUSEADDR set, call site)
-        self.binds: list[tuple[weakref.ref[socket.socket], int, int, str, int, bool, str]] = []
-        self.created: list[tuple[weakref.ref[socket.socket], list[str]]] = []
-        self.last_pick: str | None = None  # where the test last bound port 0 (a free-port helper?)
-        self.unreached: dict[str, str] = {}  # location -> note
-        self.ports: _Ports | None = None
-        self._range: PortRange | None = None
-        self.opted_in = _flag(item.config, "ports")
-
-    def on_bind(self, sock: socket.socket, address: Any) -> None:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
-            return
-        host, port = str(address[0]), int(address[1])
-        site = _call_site()
-        if site is None:
-            return  # twfix's own probe binds
-        reuse = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
-        self.binds.append((weakref.ref(sock), sock.family, sock.type, host, port, reuse, site))
-        if port == 0:
-            self.last_pick = site
-        elif self.opted_in:
-            self._check_reach(port, site)
-
-    def _check_reach(self, port: int, site: str) -> None:
-        if self._range is None:
-            self._range = sysctl.port_range()
-        if not self._range.assigns(port):
-            return
-        where = self.last_pick or site
-        if where in self.unreached:
-            return
-        if self.last_pick is not None:
-            note = (
-                f"{where}: a free-port helper twfix cannot reach (port {port}, chosen by its bind(0), was bound "
-                f"at {site}); use a port fixture twfix serves (unused_tcp_port, free_tcp_port, twfix_tcp_port)"
-            )
-        else:
-            note = (
-                f"{site}: port {port} is bound explicitly but lies in the ephemeral range "
-                f"({self._range.low}-{self._range.high}), where bind(0) and connect() may take it first; if it came "
-                "from a free-port helper, twfix cannot reach that helper: use a port fixture twfix serves"
-            )
-        self.unreached[where] = note
-
-    def on_create(self, sock: socket.socket) -> None:
-        frames = [f for f in traceback.extract_stack(limit=12) if f.filename not in (__file__, socket.__file__)]
-        self.created.append((weakref.ref(sock), traceback.format_list(frames[-4:])))
-
-    def creation_sites(self) -> dict[int, list[str]]:
-        sites: dict[int, list[str]] = {}
-        for ref, stack in self.created:
-            sock = ref()
-            if sock is not None and sock.fileno() != -1:
-                sites[sock.fileno()] = stack
-        return sites
-
-    def failed_binds(self) -> list[tuple[int, str, int, bool]]:
-        """(type, host, port, SO_REUSEADDR) of every explicit bind whose socket is not bound there now."""
-        found: dict[tuple[int, str, int], bool] = {}
-        for ref, _family, sotype, host, port, reuse, _site in self.binds:
-            sock = ref()
-            if port == 0:
-                continue
-            with contextlib.suppress(OSError):
-                if sock is not None and sock.fileno() != -1 and sock.getsockname()[1] == port:
-                    continue  # that bind succeeded and the socket is still there
-            found[(sotype, host, port)] = reuse
-        return [(sotype, host, port, reuse) for (sotype, host, port), reuse in found.items()]
-
-
-_current: _BindLog | None = None
-_watching = False
-_OWN_FILES: Final = (os.path.dirname(__file__) + os.sep, socket.__file__, os.path.dirname(asyncio.__file__) + os.sep)
-
-
-def _call_site() -> str | None:
-    """The first frame outside the stdlib's socket and asyncio code that made the call (None for twfix)."""
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back  # the audit hook itself
-    first: str | None = None
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if name.startswith(_OWN_FILES[0]):
-            return None
-        if not name.startswith(_OWN_FILES[1:]):
-            where = f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
-            if first is None:
-                first = where
-            if "site-packages" not in name:
-                return where
-        frame = frame.f_back
-    return first
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    log = _current
-    if log is None or event not in ("socket.bind", "socket.__new__"):
-        return
-    try:
-        if event == "socket.bind":
-            log.on_bind(args[0], args[1])
-        elif log.record_creation:
-            log.on_create(args[0])
-    except Exception:  # an audit hook must never change what the audited call does
-        pass
-
-
-def _watch_binds() -> None:
-    """Install the audit hook once per process (it cannot be removed; it does nothing outside a test)."""
-    global _watching
-    if not _watching:
-        sys.addaudithook(_audit)
-        _watching = True
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
-    global _current
-    log = _BindLog(item, _guarded(item))
-    log.ports = _Ports(_pool(item.config), _config_hold(item.config)) if log.opted_in else None
+    log = _binds.BindLog(_guarded(item), _flag(item.config, "ports"))
+    ports = _Ports(_pool(item.config), _config_hold(item.config)) if log.opted_in else None
+    log.ports = ports
     item.stash[_LOG_KEY] = log
-    previous, _current = _current, log
+    previous = _binds.set_current(log)
     try:
         return (yield)
     finally:
-        _current = previous
-        if log.ports is not None:
-            log.ports.release()
+        _binds.set_current(previous)
+        if ports is not None:
+            ports.release()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -689,29 +474,7 @@ def _leak_report(leaked: dict[int, int], created: dict[int, list[str]]) -> str:
 # ------------------------------------------------------------------ reports
 
 
-_IN_USE_TEXT: Final = re.compile(r"address already in use|EADDRINUSE|errno 98\b", re.IGNORECASE)
-
-
-def _in_use(exc: BaseException | None) -> bool:
-    """EADDRINUSE anywhere in the exception, its causes and contexts, and exception groups."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno == errno.EADDRINUSE:
-            return True
-        if _IN_USE_TEXT.search(str(current)):
-            return True
-        if isinstance(current, BaseExceptionGroup):
-            todo.extend(current.exceptions)
-        todo.extend((current.__cause__, current.__context__))
-    return False
-
-
-def _explanations(item: pytest.Item, log: _BindLog) -> list[str]:
+def _explanations(item: pytest.Item, log: _binds.BindLog) -> list[str]:
     pool = item.config.stash.get(_POOL_KEY, None)
     texts: list[str] = []
     free: list[str] = []
@@ -750,7 +513,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if isinstance(exc, twfix.AddressInUseError) and exc.explanation is not None:
             texts.append(str(exc.explanation))
         elif log is not None and (
-            _in_use(exc) or any(_IN_USE_TEXT.search(content) for _name, content in report.sections)
+            _binds.in_use(exc) or any(_binds.IN_USE_TEXT.search(content) for _name, content in report.sections)
         ):
             texts.extend(_explanations(item, log))
         if texts:
