@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from twfix import _twfix, kernel
+from twfix import _catalogue, _twfix, kernel
 from twfix._args import namespace_path
 from twfix._html import table
 from twfix._text import printable
@@ -46,206 +46,6 @@ Value = int | str | tuple[int, ...] | list[tuple[int, int]]
 
 class SysctlUnavailableError(TwfixError, LookupError):
     """The running kernel has no such knob (removed, not yet added, or host-only)."""
-
-
-@dataclass(frozen=True)
-class _Knob:
-    kind: str  # "int", "range", "ports", "ints", "str"
-    default: Any  # a value, None when it varies, or "ehash/2" style derivations (see _default)
-    unit: str
-    meaning: str
-    not_controls: str
-    per_netns: bool
-    history: str
-    advice: str
-    bounds: tuple[int, int] | None = None  # accepted values for writes
-
-
-_CATALOGUE: Final[dict[str, _Knob]] = {
-    "net.ipv4.tcp_fin_timeout": _Knob(
-        "int",
-        60,
-        "s",
-        "lifetime of orphaned FIN_WAIT_2 sockets (no longer held by any application)",
-        "the length of TIME-WAIT (a fixed 60 s on Linux)",
-        True,
-        "per network namespace since 4.6",
-        "leave at 60 unless orphaned FIN_WAIT_2 sockets pile up; lowering it does nothing for TIME-WAIT",
-        (1, 2**31 - 1),
-    ),
-    "net.ipv4.tcp_tw_reuse": _Knob(
-        "int",
-        2,
-        "",
-        "whether an outgoing connect() may take over a TIME-WAIT 4-tuple: 0 off, 1 all, 2 loopback only",
-        "incoming connections, bind(), or TIME-WAIT length",
-        True,
-        "boolean until 4.18, which added 2 (loopback only) as the default; per namespace since 4.11",
-        "1 helps clients that exhaust source ports toward remote servers (needs timestamps at both ends)",
-        (0, 2),
-    ),
-    "net.ipv4.tcp_tw_reuse_delay": _Knob(
-        "int",
-        1000,
-        "ms",
-        "minimum TIME-WAIT age before tcp_tw_reuse may take it over",
-        "anything when tcp_tw_reuse does not apply",
-        True,
-        "added in 6.14; before, the delay was about 1 s with 1-s granularity",
-        "keep the default; never below the peer's timestamp clock tick",
-        (1, 60000),
-    ),
-    "net.ipv4.tcp_tw_recycle": _Knob(
-        "int",
-        None,
-        "",
-        "(removed) expired TIME-WAIT early and dropped SYNs with older timestamps per remote host",
-        "anything on current kernels: the knob no longer exists",
-        True,
-        "removed in Linux 4.12 (commit 4396e46187ca): it broke clients behind NAT, and from 4.10 everyone",
-        "delete any sysctl.conf line setting it",
-    ),
-    "net.ipv4.tcp_max_tw_buckets": _Knob(
-        "int",
-        "ehash/2",
-        "sockets",
-        "cap on TIME-WAIT plus orphaned FIN_WAIT2 mini-sockets; beyond it they are destroyed at once",
-        "TIME-WAIT length",
-        True,
-        "per network namespace since 4.11; default half the TCP established hash",
-        "never lower it to get rid of TIME-WAIT (excess sockets vanish silently, see TcpExt TCPTimeWaitOverflow)",
-        (0, 2**31 - 1),
-    ),
-    "net.ipv4.tcp_timestamps": _Knob(
-        "int",
-        1,
-        "",
-        "RFC 7323 timestamps: 0 off, 1 on with a random per-connection offset, 2 on without offset",
-        "uptime exposure (value 1 randomises since 4.10)",
-        True,
-        "random offsets since 4.10",
-        "keep 1: PAWS and every TIME-WAIT takeover need timestamps",
-        (0, 2),
-    ),
-    "net.ipv4.ip_local_port_range": _Knob(
-        "range",
-        kernel.DEFAULT_PORT_RANGE,
-        "ports",
-        "ephemeral ports used by connect() and bind(port 0)",
-        "explicitly bound ports",
-        True,
-        "default 32768 60999 since 4.2 (even count); per network namespace",
-        "keep bounds of different parity; widen it for clients with many concurrent connections per destination",
-    ),
-    "net.ipv4.ip_local_reserved_ports": _Knob(
-        "ports",
-        [],
-        "ports",
-        "ports skipped by automatic assignment (connect(), bind(port 0))",
-        "explicit bind()",
-        True,
-        "per network namespace",
-        "list service ports that lie inside ip_local_port_range",
-    ),
-    "net.ipv4.ip_autobind_reuse": _Knob(
-        "int",
-        0,
-        "",
-        "lets bind(port 0) share ports among SO_REUSEADDR sockets once the range is exhausted",
-        "sockets without SO_REUSEADDR (ordinary connect() sockets)",
-        True,
-        "added in 5.7",
-        "leave 0; use IP_BIND_ADDRESS_NO_PORT instead",
-        (0, 1),
-    ),
-    "net.ipv4.ip_unprivileged_port_start": _Knob(
-        "int",
-        kernel.UNPRIVILEGED_PORT_START,
-        "port",
-        "lowest port an unprivileged process may bind",
-        "the ephemeral range, which must start at or above it",
-        True,
-        "added in 4.11",
-        "leave 1024 unless unprivileged services must bind low ports",
-        (0, 65536),
-    ),
-    "net.ipv4.tcp_syncookies": _Knob(
-        "int",
-        1,
-        "",
-        "SYN-flood fallback: 0 off, 1 when a listener's SYN queue overflows, 2 always",
-        "TIME-WAIT or connection closing in general",
-        True,
-        "",
-        "keep 1; it is not a capacity tool and does nothing for TIME-WAIT",
-        (0, 2),
-    ),
-    "net.core.somaxconn": _Knob(
-        "int",
-        4096,
-        "connections",
-        "upper bound on the listen() backlog",
-        "TIME-WAIT",
-        True,
-        "default 4096 since 5.4 (128 before)",
-        "raise only for listeners that overflow (TcpExt ListenOverflows)",
-        (0, 2**31 - 1),
-    ),
-    "net.ipv4.tcp_max_syn_backlog": _Knob(
-        "int",
-        "max(128,ehash/128)",
-        "requests",
-        "per-listener limit of half-open (SYN_RECV) requests",
-        "TIME-WAIT",
-        True,
-        "per network namespace since 4.11",
-        "raise together with somaxconn for listeners under heavy connection rates",
-        (0, 2**31 - 1),
-    ),
-    "net.ipv4.tcp_rfc1337": _Knob(
-        "int",
-        0,
-        "",
-        "0: an in-window RST kills a TIME-WAIT (assassination); 1: such RSTs are ignored",
-        "TIME-WAIT length",
-        True,
-        "",
-        "1 follows RFC 1337; harmless for most hosts",
-        (0, 1),
-    ),
-    "net.ipv4.tcp_max_orphans": _Knob(
-        "int",
-        None,
-        "sockets",
-        "orphaned sockets (not held by any process) not yet in TIME-WAIT",
-        "TIME-WAIT sockets",
-        False,
-        "host-wide: absent inside a child network namespace; default sized from memory",
-        "raise only when the kernel logs 'too many orphaned sockets'",
-        (0, 2**31 - 1),
-    ),
-    "net.ipv4.tcp_ehash_entries": _Knob(
-        "int",
-        None,
-        "buckets",
-        "size of the TCP established hash (negative: shared with the initial namespace)",
-        "anything directly: read-only; it sizes the tcp_max_tw_buckets and tcp_max_syn_backlog defaults",
-        True,
-        "added in 6.1",
-        "information only",
-    ),
-    "net.netfilter.nf_conntrack_tcp_timeout_time_wait": _Knob(
-        "int",
-        120,
-        "s",
-        "lifetime of a connection-tracking entry in TIME_WAIT",
-        "the socket's TIME-WAIT",
-        True,
-        "present only with nf_conntrack loaded",
-        "unrelated to socket TIME-WAIT; leave it",
-        (0, 2**31 - 1),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -360,7 +160,7 @@ _PORTS: Final = re.compile(r"[0-9]+(?:-[0-9]+)?", re.ASCII)
 def parse(name: str, raw: str) -> Value:
     """Turn the text of a knob into its typed value: ints only from ASCII digits (``²`` is not a number);
     text that does not have the knob's shape is returned as the str it is."""
-    knob = _CATALOGUE.get(name)
+    knob = _catalogue.CATALOGUE.get(name)
     kind = knob.kind if knob else None
     if kind == "ports":
         chunks = [c for c in raw.replace(" ", "").split(",") if c]
@@ -385,7 +185,7 @@ def is_int_text(text: str) -> bool:
 
 
 def _missing(name: str) -> SysctlUnavailableError:
-    knob = _CATALOGUE.get(name)
+    knob = _catalogue.CATALOGUE.get(name)
     history = f": {knob.history}" if knob and knob.history else ""
     where = " (host-only: absent inside a child network namespace)" if knob and not knob.per_netns else ""
     return SysctlUnavailableError(f"{name} does not exist on this kernel{where}{history}")
@@ -406,7 +206,7 @@ def get(name: str, *, netns: str | os.PathLike[str] | None = None, pid: int | No
     return parse(key, raw)
 
 
-def _default(knob: _Knob, ehash: int | None) -> tuple[Value | None, str]:
+def _default(knob: _catalogue.Knob, ehash: int | None) -> tuple[Value | None, str]:
     """The kernel default of a knob; the derived ones are computed from the established hash size."""
     if knob.default == "ehash/2":
         return (abs(ehash) // 2, "half the TCP established hash") if ehash else (None, "half the TCP established hash")
@@ -425,7 +225,7 @@ def read(
     """A table of the catalogue (or of ``names``), read in one pass."""
     if isinstance(names, str):
         names = [names]
-    wanted = list(_CATALOGUE) if names is None else list(names)
+    wanted = list(_catalogue.CATALOGUE) if names is None else list(names)
     for n in wanted:
         if not isinstance(n, str):
             raise TypeError(f"sysctl name must be a str, not {type(n).__name__}")
@@ -434,7 +234,7 @@ def read(
     ehash = int(ehash_raw) if ehash_raw and is_int_text(ehash_raw) else None
     rows = []
     for name, raw, error in knobs[:-1]:
-        knob = _CATALOGUE.get(name) or _Knob("", None, "", "", "", True, "", "")
+        knob = _catalogue.CATALOGUE.get(name) or _catalogue.Knob("", None, "", "", "", True, "", "")
         default, note = _default(knob, ehash)
         rows.append(
             Sysctl(
@@ -461,24 +261,24 @@ def full_name(name: str) -> str:
     catalogue knob it stands for. Raises LookupError for an unknown short name, with close matches."""
     if "." in name or "/" in name:
         return name
-    matches = [k for k in _CATALOGUE if k.rsplit(".", 1)[-1] == name]
+    matches = [k for k in _catalogue.CATALOGUE if k.rsplit(".", 1)[-1] == name]
     if len(matches) == 1:
         return matches[0]
-    close = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in _CATALOGUE], n=3)
+    close = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in _catalogue.CATALOGUE], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; give the full name (net.ipv4.NAME)"
     raise LookupError(f"unknown knob {name!r}{hint}")
 
 
 def close_match(name: str) -> str | None:
     """The catalogue knob closest to ``name`` (for "did you mean"), or None."""
-    close = difflib.get_close_matches(name, list(_CATALOGUE), n=1)
+    close = difflib.get_close_matches(name, list(_catalogue.CATALOGUE), n=1)
     return close[0] if close and close[0] != name else None
 
 
 def validate(name: str, value: object) -> str:
     """Check a value for a catalogue knob; returns the text to write. Raises ValueError naming the problem."""
     key = _key(name)
-    knob = _CATALOGUE.get(key)
+    knob = _catalogue.CATALOGUE.get(key)
     if knob is None:
         raise ValueError(f"{key} is not one of the knobs twfix manages; refusing to write it")
     if key == "net.ipv4.tcp_tw_recycle":
