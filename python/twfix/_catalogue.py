@@ -198,6 +198,16 @@ CATALOGUE: Final[dict[str, Knob]] = {
         "added in 6.1",
         "information only",
     ),
+    "net.ipv4.tcp_child_ehash_entries": Knob(
+        "int",
+        0,
+        "buckets",
+        "size of the established hash of namespaces created from now on (0: they share the host's)",
+        "the namespaces that exist already",
+        False,
+        "added in 6.1",
+        "set it before creating many busy containers, so that each gets its own hash",
+    ),
     "net.netfilter.nf_conntrack_tcp_timeout_time_wait": Knob(
         "int",
         120,

@@ -35,10 +35,16 @@ class _Host:
     """What the rules read, gathered once per run: the catalogue of sysctls in one pass, and one walk
     of the socket table (aggregated natively) shared by every rule."""
 
-    def __init__(self, root: Path, ns: str | None = None, table: diag.TableSnapshot | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ns: str | None = None,
+        table: diag.TableSnapshot | None = None,
+        knobs: sysctl.SysctlTable | None = None,
+    ) -> None:
         self.root = root
         self.ns = ns
-        self.knobs = sysctl.read(netns=ns)
+        self.knobs = knobs if knobs is not None else sysctl.read(netns=ns)
         self._table = table
         self._tcpext: dict[str, int] | None = None
         self._proc_net: dict[str, str | None] | None = None
@@ -527,6 +533,7 @@ def doctor(
     netns: str | os.PathLike[str] | None = None,
     pid: int | None = None,
     table: diag.TableSnapshot | None = None,
+    knobs: sysctl.SysctlTable | None = None,
 ) -> Report:
     """Check this host's (this network namespace's) TIME-WAIT and port situation.
 
@@ -537,6 +544,8 @@ def doctor(
             and counters. The configuration files are still those under ``root``.
         table: a snapshot of that namespace's TCP table already taken (``diag.snapshot(ports=...)``), used
             instead of walking the table again (the metrics exporter shares one walk this way).
+        knobs: that namespace's catalogue already read (``sysctl.read(netns=...)``), used instead of
+            reading it again (the metrics exporter reads it once for its own series and the doctor).
     """
     ns = namespace_path(netns, pid)
     root_path = Path(os.fspath(root))
@@ -546,8 +555,8 @@ def doctor(
         raise ValueError(f"root {str(root_path)!r} cannot be read: {exc.strerror}") from None
     if not is_dir:
         raise ValueError(f"root {str(root_path)!r} is not a directory")
-    kernel = platform.release()
-    host = _Host(root_path, ns, table)
+    release = platform.release()
+    host = _Host(root_path, ns, table, knobs)
     findings: list[Finding] = []
     for rule in _RULES:
         try:
@@ -557,4 +566,4 @@ def doctor(
                 Finding("RULE-FAILED", Severity.INFO, f"{rule.__name__.strip('_')} could not run: {exc}", {})
             )
     findings.sort(key=lambda f: -f.severity.rank)
-    return Report(tuple(findings), kernel, sys.platform)
+    return Report(tuple(findings), release, sys.platform)

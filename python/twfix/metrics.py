@@ -153,13 +153,13 @@ class TwfixCollector(Collector):
 
     def _detail(self, ns: NetNamespace, counts: netns.TcpCounters) -> _Detail:
         path = None if ns.inode == netns.current_inode() else ns.path
-        knobs = sysctl.read([*_KNOBS, "net.ipv4.ip_local_reserved_ports"], netns=path)
+        knobs = sysctl.read(netns=path)  # the whole catalogue, once: these series and the doctor share it
         rng = knobs["net.ipv4.ip_local_port_range"]
         ports = (
             sysctl.port_range_of(rng.value, knobs["net.ipv4.ip_local_reserved_ports"].value) if rng.available else None
         )
         table = diag.snapshot("tcp", top=self.top, ports=ports, netns=path, usage_limit=max(self.top, 100))
-        report = doctor(root=self.root, netns=path, table=table)
+        report = doctor(root=self.root, netns=path, table=table, knobs=knobs)
         findings = [(f.code, str(f.severity)) for f in report.findings]
         return _Detail(ns, counts, table, knobs, _overflow(path), findings)
 
