@@ -255,8 +255,8 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
     for h in holders.holders:
         for p in h.processes:
             processes.setdefault(p.pid, (p, set()))[1].add(f"{h.state} {h.laddr}")
-    for pid, (p, socks) in sorted(processes.items()):
-        lines.append(f"pid {pid} {printable(p.name)}: {printable(' '.join(p.cmdline))}")
+    for _pid, (p, socks) in sorted(processes.items()):
+        lines.append(f"{p.label}: {p.command}")
         lines.append(f"    {', '.join(sorted(socks))}")
     for h in holders.holders:
         if h.inode and not h.processes:

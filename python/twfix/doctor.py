@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from twfix import _twfix, diag, kernel, netns, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
-from twfix._text import printable
 from twfix.findings import Change, Finding, Report, Severity, short
 from twfix.sysctl import PortRange
 
@@ -190,7 +189,7 @@ def _time_wait_origin(host: _Host) -> Iterator[Finding]:
     named = []
     for port, count in ports:
         procs = held.get(listening.get(port, 0), ())
-        who = f" ({', '.join(f'pid {p.pid} {printable(p.name)}' for p in procs)})" if procs else ""
+        who = f" ({', '.join(p.label for p in procs)})" if procs else ""
         named.append(f"{port}{who}: {count}")
     side = "servers here close first" if server * 2 >= tw else "clients here close first"
     yield Finding(
@@ -365,7 +364,7 @@ def _listeners_in_range(host: _Host) -> Iterator[Finding]:
     chosen: dict[int, list[str]] = {}
     for s in inside:
         procs = held.get(s.inode, ())
-        names = [f"pid {p.pid} ({printable(p.name)})" for p in procs]
+        names = [p.label for p in procs]
         # Chosen by the kernel (Jupyter kernels, test servers): how the ephemeral range is meant to be used.
         by_kernel = owners.chosen_by_kernel(ports, s.laddr.port, procs)
         (chosen if by_kernel else fixed).setdefault(s.laddr.port, []).extend(names)

@@ -49,7 +49,7 @@ class Holder:
 
 def process_list(processes: tuple[Process, ...] | list[Process]) -> str:
     """``pid 12 (name), pid 13 (name)``, with names escaped: they are chosen by whoever ran the process."""
-    return ", ".join(f"pid {p.pid} ({printable(p.name)})" for p in processes)
+    return ", ".join(p.label for p in processes)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,16 @@ class Process(NamedTuple):
     cmdline: tuple[str, ...]
     fd: int | None = None
 
+    @property
+    def label(self) -> str:
+        """``pid 12 (nginx)``, the name escaped: the one way twfix names a process in text."""
+        return f"pid {self.pid} ({printable(self.name)})"
+
+    @property
+    def command(self) -> str:
+        """The command line, escaped, as one string."""
+        return printable(" ".join(self.cmdline))
+
 
 class PortHolder(NamedTuple):
     """A socket bound to the port, and the processes holding it (none for TIME-WAIT or unseen owners).
@@ -111,10 +121,7 @@ class Holders:
             if h.state == TcpState.TIME_WAIT:
                 who = "no process (TIME-WAIT belongs to the kernel)"
             elif h.processes:
-                who = "; ".join(
-                    f"pid {p.pid} {printable(p.name)} (uid {h.uid}): {printable(' '.join(p.cmdline)[:120])}"
-                    for p in h.processes
-                )
+                who = "; ".join(f"{p.label} uid {h.uid}: {p.command[:120]}" for p in h.processes)
             else:
                 who = f"uid {h.uid}, process not visible"
             lines.append(f"  {h.state:<12} {h.laddr}{peer}  {who}")
@@ -125,7 +132,7 @@ class Holders:
     def describe_processes(self) -> str:
         """Every process holding the port, one per line, safe to print."""
         seen: dict[int, Process] = {p.pid: p for h in self.holders for p in h.processes}
-        return "\n".join(f"pid {p.pid} {printable(p.name)}: {printable(' '.join(p.cmdline))}" for p in seen.values())
+        return "\n".join(f"{p.label}: {p.command}" for p in seen.values())
 
 
 def _read(path: str) -> bytes | None:
