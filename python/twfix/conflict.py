@@ -243,7 +243,8 @@ def explain(
         kind: ``"tcp"`` or ``"udp"``.
         dualstack_ipv6: ask about one IPv6 socket that also accepts IPv4 (``IPV6_V6ONLY=0``), as
             ``reusable_tcp_server(..., dualstack_ipv6=True)`` binds it.
-        netns, pid: ask about another network namespace (a container's): the probe binds run there.
+        netns: ask about another network namespace (a path, a container's): the probe binds run there.
+        pid: ask about the network namespace of this process (as ``netns``).
     """
     port = check_port(port)
     host = check_host(host)

@@ -194,7 +194,8 @@ def sockets(
             give a ``port``, to see them.
         port: only sockets whose local port is this.
         source: "auto" (netlink, /proc when refused), "netlink" or "proc".
-        netns, pid: read another network namespace (a path such as ``/run/netns/NAME``, or a process's).
+        netns: read another network namespace (a path such as ``/run/netns/NAME``).
+        pid: read the network namespace of this process.
     """
     proto, family = _kind(kind)
     mask = _state_mask(states)

@@ -539,8 +539,9 @@ def doctor(
     Args:
         root: the file-system root whose ``etc/sysctl.conf`` and ``etc/sysctl.d`` are checked for
             folklore (tests pass a temporary tree).
-        netns, pid: check another network namespace (a container's) instead: its sysctls, socket table
-            and counters. The configuration files are still those under ``root``.
+        netns: check another network namespace (a path such as ``/run/netns/NAME``, a container's) instead:
+            its sysctls, socket table and counters. The configuration files are still those under ``root``.
+        pid: check the network namespace of this process instead (as ``netns``).
         table: a snapshot of that namespace's TCP table already taken (``diag.snapshot(ports=...)``), used
             instead of walking the table again (the metrics exporter shares one walk this way).
         knobs: that namespace's catalogue already read (``sysctl.read(netns=...)``), used instead of
