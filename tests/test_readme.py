@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (in a private namespace)."""
+"""The Python examples of the README and of the documentation run as written (in a private namespace)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ import pytest
 
 from tests.conftest import NetNS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+# Plain ```python blocks and the ones the docs build executes (```python exec="on" ...).
+_BLOCK = re.compile(r"^```python(?: [^\n]*)?\n(.*?)^```$", flags=re.S | re.M)
+BLOCKS = [block for page in PAGES for block in _BLOCK.findall(page.read_text())]
+NAMES = [f"{page.relative_to(ROOT)}-{i}" for page in PAGES for i, _ in enumerate(_BLOCK.findall(page.read_text()))]
 
 
 def test_readme_has_examples() -> None:
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+@pytest.mark.parametrize("code", BLOCKS, ids=NAMES)
 def test_readme_example_runs(netns: NetNS, code: str, tmp_path: Path) -> None:
     subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=True)
     subprocess.run(["ip", "route", "add", "239.0.0.0/8", "dev", "lo"], check=True)
