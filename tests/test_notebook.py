@@ -60,15 +60,29 @@ def test_every_result_type_renders_html(netns: NetNS) -> None:
         assert isinstance(result.to_records(), list)  # type: ignore[attr-defined]
 
 
+def IPython_pretty(obj: object) -> str:
+    pretty = pytest.importorskip("IPython.lib.pretty")
+    return str(pretty.pretty(obj))
+
+
 def test_long_tables_are_cut(netns: NetNS) -> None:
     from tests.conftest import time_wait_pairs
 
     server = twfix.reusable_tcp_server(0, "127.0.0.1")
     with server:
         time_wait_pairs(server, 300, server_closes=True)
-        page = twfix.who_holds(server.getsockname()[1])._repr_html_()
-    assert page.count("<tr>") < 60
-    assert "251 more" in page  # 301 rows: the listener first, then 49 TIME-WAITs shown
+        port = server.getsockname()[1]
+        page = twfix.who_holds(port)._repr_html_()
+        listing = twfix.sockets(port=port)
+    # who_holds groups the kernel's sockets as the CLI does: the listener, then one row for 300 TIME-WAITs.
+    assert page.count("<tr>") < 6
+    assert "(300 sockets)" in page
+    html = listing._repr_html_()
+    assert html.count("<tr>") < 60
+    assert "251 more" in html  # 301 rows: 50 shown
+    text = IPython_pretty(listing)
+    assert "... 281 more" in text  # the text rendering is cut too (20 rows)
+    assert len(text) < 3000
 
 
 def test_watch_stops_on_ctrl_c_and_keeps_its_samples(netns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,11 +118,30 @@ class SocketEntry(NamedTuple):
         }
 
 
+# Rows a text rendering shows before "N more" (the HTML tables cut likewise).
+TEXT_ROWS: Final = 20
+
+
 class SocketList(list[SocketEntry]):
     """The result of :func:`sockets`: a list, with ``to_records()`` (pandas-ready) and an HTML table."""
 
     def to_records(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self]
+
+    def render(self, rows: int = TEXT_ROWS) -> str:
+        """A text table of the first ``rows`` sockets and how many more there are (addresses escaped)."""
+        lines = [f"{len(self)} sockets"]
+        for e in self[:rows]:
+            peer = f" -> {e.raddr}" if e.raddr else ""
+            timer = f"  {e.expires:.1f} s" if e.expires is not None else ""
+            lines.append(printable(f"  {e.state!s:<14} {e.laddr}{peer}  uid {e.uid}{timer}"))
+        if len(self) > rows:
+            lines.append(f"  ... {len(self) - rows} more")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's text rendering: a cut table, not the whole list's repr (99 KB for 465 sockets)."""
+        printer.text(self.render())
 
     def _repr_html_(self) -> str:
         rows = (
@@ -329,6 +348,21 @@ class UsageList(list[EphemeralUsage]):
 
     def to_records(self) -> list[dict[str, Any]]:
         return [u._asdict() for u in self]
+
+    def render(self, rows: int = TEXT_ROWS) -> str:
+        """A text table of the busiest ``rows`` destinations and how many more there are."""
+        lines = [f"ephemeral ports per destination ({len(self)})"]
+        for u in self[:rows]:
+            where = format_endpoint(u.remote_ip, u.remote_port)
+            lines.append(
+                printable(f"  {u.local_ip} -> {where}: {u.in_use} in use, {u.time_wait} TIME-WAIT, {u.headroom} left")
+            )
+        if len(self) > rows:
+            lines.append(f"  ... {len(self) - rows} more")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.render())
 
     def _repr_html_(self) -> str:
         def cell(u: EphemeralUsage) -> Cell:

@@ -94,6 +94,16 @@ class Holders:
             for h in self.holders
         ]
 
+    def kernel_owned(self) -> list[tuple[str, str, int]]:
+        """The sockets no process holds (TIME-WAIT, orphans) grouped as the CLI groups them:
+        (state, peer address, count), largest groups first."""
+        groups: dict[tuple[str, str], int] = {}
+        for h in self.holders:
+            if h.inode == 0:
+                key = (str(h.state), h.raddr.ip if h.raddr else "*")
+                groups[key] = groups.get(key, 0) + 1
+        return sorted(((s, peer, n) for (s, peer), n in groups.items()), key=lambda g: -g[2])
+
     def _repr_html_(self) -> str:
         rows = [
             (
@@ -105,12 +115,30 @@ class Holders:
                 printable(" ".join(h.cmdline)),
             )
             for h in self.holders
+            if h.inode != 0
         ]
-        # Processes first, then kernel-owned sockets: a busy port has thousands of TIME-WAITs.
+        # Processes first, then kernel-owned sockets, grouped: a busy port has thousands of TIME-WAITs.
         rows.sort(key=lambda r: r[3] == "")
+        rows += [
+            (state, f"port {self.port}", f"{printable(peer)} ({n} sockets)", "", "(the kernel)", "")
+            for state, peer, n in self.kernel_owned()
+        ]
         caption = f"{self.kind} port {self.port}" + (f" ({self.note})" if self.note else "")
         headers = ("state", "local", "remote", "pid", "program", "command")
         return table("twfix-holders", caption, headers, rows, total=len(rows))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's text rendering: the processes, then the kernel-owned sockets grouped."""
+        lines = [f"{self.kind} port {self.port}:" if self.holders else f"nothing holds {self.kind} port {self.port}"]
+        lines += [
+            f"  {h.state!s:<12} {h.laddr}  " + ("; ".join(p.label for p in h.processes) or f"uid {h.uid}")
+            for h in self.holders
+            if h.inode != 0
+        ]
+        lines += [f"  {n:>7} {state:<11} peer {printable(peer)}" for state, peer, n in self.kernel_owned()]
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        printer.text("\n".join(lines))
 
     def __str__(self) -> str:
         if not self.holders:
