@@ -123,6 +123,10 @@ def test_watch_plot_and_cli(netns: NetNS) -> None:
     w = twfix.watch(interval=0.05, duration=0.2, progress=False)
     ax = w.plot()
     assert ax.get_xlabel() == "seconds"
+    assert "TIME-WAIT per s" in [t.get_text() for t in ax.get_legend().get_texts()]  # the rate line too
+    html = w._repr_html_()
+    first, last = (f">{round(s.at, 3)}<" for s in (w.samples[0], w.samples[-1]))
+    assert html.index(first) < html.index(last)  # oldest first, as the plot reads
     out = io.StringIO()
     assert main(["watch", "--interval", "0.05", "--duration", "0.1"], out=out, err=io.StringIO()) == 0
     assert "samples over" in out.getvalue()

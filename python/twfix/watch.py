@@ -80,8 +80,9 @@ class Watch:
         rate = ax.twinx()
         rate.plot(at, self.time_wait_rate(), linestyle="--", color="grey", label="TIME-WAIT per s")
         rate.set_ylabel("TIME-WAIT change per second")
-        if self.states():
-            ax.legend(loc="upper left")
+        lines, labels = ax.get_legend_handles_labels()
+        more, more_labels = rate.get_legend_handles_labels()
+        ax.legend(lines + more, labels + more_labels, loc="upper left")  # one legend, the rate line included
         ax.set_title(f"twfix.watch: {len(self.samples)} samples every {self.interval:g} s")
         return ax
 
@@ -100,7 +101,7 @@ class Watch:
     def _repr_html_(self) -> str:
         records = self.to_records()
         headers = list(records[0]) if records else ["at"]
-        rows = ([str(r[h]) for h in headers] for r in reversed(records))
+        rows = ([str(r[h]) for h in headers] for r in records)  # oldest first, as the plot reads
         return table("twfix-watch", str(self), headers, rows, total=len(records))
 
 
