@@ -376,3 +376,18 @@ def test_udp_explain_still_knows_privilege_and_foreign_addresses(netns: NetNS) -
     result = run_unprivileged(probe)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["privileged", "not-local"]
+
+
+def test_all_netns_as_another_user_reads_what_it_may_and_says_no_raw_errors() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a named namespace")
+    name = f"twfix-nonroot-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for command in (["doctor", "--all-netns", "--detail", "5"], ["summary", "--all-netns", "--detail", "5"]):
+            result = run_unprivileged("import sys; from twfix.cli import main; sys.exit(main(sys.argv[1:]))", *command)
+            assert result.returncode in (0, 1), result.stderr
+            assert "Operation not permitted" not in result.stderr + result.stdout
+            assert "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

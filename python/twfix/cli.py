@@ -102,9 +102,16 @@ def _per_namespace(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]], 
     for ns, _c in counted:
         try:
             results.append((ns, read(ns)))
+        except PermissionError:
+            _write(out, f"note: {printable(ns.label)} was not read: entering another namespace needs root")
         except (OSError, ValueError) as exc:
             _write(out, f"note: {printable(ns.label)} could not be read (gone meanwhile?): {printable(exc)}")
     return results
+
+
+def _path(ns: netns.NetNamespace) -> str | None:
+    """Where to read ``ns`` from: None for the caller's own (no setns needed, so no privilege either)."""
+    return None if ns.inode == netns.current_inode() else ns.path
 
 
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
@@ -112,7 +119,7 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         counted = _busiest(args.detail)
         child = sysctl.read(["net.ipv4.tcp_child_ehash_entries"])["net.ipv4.tcp_child_ehash_entries"].value
         host_findings = namespace_findings(counted, child if isinstance(child, int) else None)
-        reports = _per_namespace(counted[: args.detail], lambda ns: doctor(root=args.root, netns=ns.path), sys.stderr)
+        reports = _per_namespace(counted[: args.detail], lambda ns: doctor(root=args.root, netns=_path(ns)), sys.stderr)
         if args.json:
             _dump(
                 {
@@ -153,13 +160,13 @@ def _cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
                     "time_wait": c.time_wait,
                 }
                 if i < args.detail:
-                    row["summary"] = diag.summary("udp" if args.udp else "tcp", top=args.top, netns=ns.path).to_dict()
+                    row["summary"] = diag.summary("udp" if args.udp else "tcp", top=args.top, netns=_path(ns)).to_dict()
                 rows.append(row)
             _dump(rows, out)
             return 0
         _namespace_table(counted, out)
         kind = "udp" if args.udp else "tcp"
-        read = lambda ns: diag.summary(kind, top=args.top, netns=ns.path)  # noqa: E731
+        read = lambda ns: diag.summary(kind, top=args.top, netns=_path(ns))  # noqa: E731
         for ns, summary in _per_namespace(counted[: args.detail], read, out):
             out.write(f"\n== {printable(ns.label)}\n")
             _print_summary(summary, args.top, out)
