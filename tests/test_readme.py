@@ -32,3 +32,18 @@ def test_readme_example_runs(netns: NetNS, code: str, tmp_path: Path) -> None:
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_public_function_and_command_has_a_page() -> None:
+    """The documentation site keeps a page per public function and per CLI command (and mkdocs.yml lists it)."""
+    import inspect
+
+    import twfix
+    from twfix._cli_args import build_parser
+
+    nav = (ROOT / "mkdocs.yml").read_text()
+    functions = [n for n in twfix.__all__ if inspect.isfunction(getattr(twfix, n))]
+    commands = list(build_parser().subcommands)  # type: ignore[attr-defined]
+    for page in [f"reference/functions/{n}.md" for n in functions] + [f"commands/{c}.md" for c in commands]:
+        assert (ROOT / "docs" / page).is_file(), page
+        assert page in nav, page
