@@ -365,3 +365,13 @@ def test_tune_write_says_how_to_load_the_file(tmp_path: Path) -> None:
     code, out, _ = run("tune", "--write", str(target))
     assert code == 0
     assert f"sysctl -p {target}" in out
+
+
+def test_metrics_serve_on_a_busy_port_is_explained(netns: NetNS) -> None:
+    pytest.importorskip("prometheus_client")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code, _, err = run("metrics", "--serve", str(port))
+        assert code == 1
+        assert "is in use by a live listener" in err
+        assert f"pid {os.getpid()}" in err

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -358,8 +359,15 @@ def _cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
             number = _cli_args.port_arg(port)
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"--serve {printable(args.serve)!r}: {exc}") from None
-        server = metrics.serve(host.strip("[]") or "127.0.0.1", number, **options)
         shown = host.strip("[]") or "127.0.0.1"
+        try:
+            server = metrics.serve(shown, number, **options)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            why = explain(number, shown)  # the busy port explained, as every twfix bind is
+            advice = f"; {why.advice[0]}" if why.advice else ""
+            raise TwfixError(f"--serve {args.serve}: {why.verdict}{advice}") from None
         out.write(f"serving /metrics on {diag.format_endpoint(shown, server.server_port)}\n")
         out.flush()
         try:
