@@ -39,11 +39,6 @@ Kind = Literal["tcp", "udp"]
 _KINDS: Final = ("tcp", "udp")
 
 
-_ORPHAN_STATES: Final = frozenset(
-    {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT}
-)
-
-
 def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:
     """(ephemeral ports, ip_unprivileged_port_start) of the namespace, read in one pass; None where unreadable."""
     names = ["net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.ip_unprivileged_port_start"]
@@ -116,22 +111,7 @@ def _holders(
 ) -> tuple[list[Holder], str | None]:
     """Sockets as holders with every process holding them; kernel-owned ones marked as orphans."""
     found = holders_of(entries, port, kind, ns)
-    out = [
-        Holder(
-            str(h.state),
-            (h.laddr.ip, h.laddr.port),
-            (h.raddr.ip, h.raddr.port) if h.raddr else None,
-            h.uid,
-            h.pid,
-            h.name,
-            h.cmdline,
-            h.processes,
-            orphan=h.inode == 0 and h.state in _ORPHAN_STATES,
-            inode=h.inode,
-        )
-        for h in found.holders
-    ]
-    return out, found.note
+    return list(found.holders), found.note
 
 
 def _analyse(
@@ -177,7 +157,7 @@ def _analyse(
     if rows is None:
         rows = [e for e in port_entries(kind, port, None, ns) if overlaps(family, ip, dualstack, e)]
     facts.time_wait = [e for e in rows if e.state == TcpState.TIME_WAIT]
-    facts.orphan_entries = [e for e in rows if e.inode == 0 and e.state in _ORPHAN_STATES - {TcpState.TIME_WAIT}]
+    facts.orphan_entries = [e for e in rows if e.inode == 0 and str(e.state) in kernel.ORPHAN_STATES - {"TIME_WAIT"}]
     others, facts.note = _holders([e for e in rows if e.state != TcpState.TIME_WAIT], kind, port, ns)
     facts.orphans = [h for h in others if h.orphan]
     facts.listeners = [h for h in others if not h.orphan and (h.state == "LISTEN" or kind == "udp")]

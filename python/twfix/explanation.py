@@ -10,41 +10,14 @@ from typing import Any
 
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
-from twfix.diag import format_endpoint
-from twfix.owners import Process
+from twfix.owners import PortHolder, Process
 
 __all__ = ["Explanation", "Holder", "NamespaceHolder", "process_list"]
 
 
-@dataclass(frozen=True)
-class Holder:
-    """A socket bound to the port in question, with every process holding it when they could be seen.
-
-    ``processes`` lists them all (a prefork server's master and workers); ``pid``, ``name`` and
-    ``cmdline`` are the first. ``orphan`` marks a connection no process holds any more (the kernel is
-    finishing its close). ``name`` and ``cmdline`` are raw text chosen by whoever started the process.
-    """
-
-    state: str
-    laddr: tuple[str, int]
-    raddr: tuple[str, int] | None
-    uid: int | None
-    pid: int | None = None
-    name: str | None = None
-    cmdline: tuple[str, ...] = ()
-    processes: tuple[Process, ...] = ()
-    orphan: bool = False
-    inode: int = 0
-
-    def describe(self) -> str:
-        peer = f" to {format_endpoint(*self.raddr)}" if self.raddr else ""
-        if self.orphan:
-            who = "no process: an orphaned connection the kernel is closing"
-        elif self.processes:
-            who = process_list(self.processes)
-        else:
-            who = "a process not visible here" + (f" (uid {self.uid})" if self.uid is not None else "")
-        return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
+# The one record of a socket in a port's way, as who_holds() gives it (owners.PortHolder): an explanation's
+# holders are the same objects, under the name the explanation has always used.
+Holder = PortHolder
 
 
 def process_list(processes: tuple[Process, ...] | list[Process]) -> str:
@@ -103,7 +76,9 @@ class Explanation:
         return [f"  - {printable(r)}" for r in self.reasons] + [f"  > {printable(a)}" for a in self.advice]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["holders"] = [h.to_dict() for h in self.holders]  # records of their own, not bare tuples
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -13,6 +13,7 @@ __all__ = [
     "BIND_FIRST_PARITY_IS_OTHER",
     "DEFAULT_PORT_RANGE",
     "ORPHAN_RETRIES_WHEN_ZERO",
+    "ORPHAN_STATES",
     "RTO_MAX",
     "RTO_MIN",
     "TCP_STATES",
@@ -57,6 +58,9 @@ def state_mask(numbers: list[int] | tuple[int, ...]) -> int:
 # BOUND_INACTIVE stand for bound-only sockets, and asking for them makes the kernel also walk the bind hash,
 # which every namespace of the host shares (1.2-1.6x the walk, about 6 ms even in an empty namespace).
 WALK_STATES: Final = state_mask(tuple(range(12))) & ~state_mask((7,))
+
+# States of a connection whose socket was closed while the kernel finishes the close: no process holds them.
+ORPHAN_STATES: Final = frozenset({"FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIME_WAIT"})
 
 # ip_local_port_range's default since Linux 4.2 (bounds of different parity, as the kernel prefers).
 DEFAULT_PORT_RANGE: Final = (32768, 60999)

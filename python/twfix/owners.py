@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from twfix import _twfix
+from twfix import _twfix, kernel
 from twfix._args import check_port, namespace_path
 from twfix._html import table
 from twfix._text import printable
-from twfix.diag import Addr, SocketEntry, TcpState, sockets
+from twfix.diag import Addr, SocketEntry, TcpState, format_endpoint, sockets
 from twfix.sysctl import PortRange
 
 __all__ = ["Holders", "PortHolder", "Process", "chosen_by_kernel", "holders_of", "owners_of", "who_holds"]
@@ -62,6 +62,30 @@ class PortHolder(NamedTuple):
     def owned(self) -> bool:
         return self.pid is not None
 
+    @property
+    def orphan(self) -> bool:
+        """A connection no process holds any more: the kernel is finishing its close (TIME-WAIT included)."""
+        return self.inode == 0 and str(self.state) in kernel.ORPHAN_STATES
+
+    def describe(self) -> str:
+        """One line: state, addresses, and who holds it (every process, names escaped)."""
+        peer = f" to {format_endpoint(*self.raddr)}" if self.raddr else ""
+        if self.orphan:
+            who = "no process: an orphaned connection the kernel is closing"
+        elif self.processes:
+            who = ", ".join(p.label for p in self.processes)
+        else:
+            who = f"a process not visible here (uid {self.uid})"
+        return f"{self.state} {format_endpoint(*self.laddr)}{peer}, held by {who}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self._asdict(),
+            "state": str(self.state),
+            "processes": [p._asdict() for p in self.processes],
+            "orphan": self.orphan,
+        }
+
 
 @dataclass(frozen=True)
 class Holders:
@@ -77,10 +101,7 @@ class Holders:
         return {
             "port": self.port,
             "kind": self.kind,
-            "holders": [
-                {**h._asdict(), "state": str(h.state), "processes": [p._asdict() for p in h.processes]}
-                for h in self.holders
-            ],
+            "holders": [h.to_dict() for h in self.holders],
             "denied": self.denied,
             "note": self.note,
         }
