@@ -343,8 +343,9 @@ def test_server_side_time_wait_is_not_outgoing_traffic(netns: NetNS, empty_root:
 
 
 def test_busy_namespaces_sharing_the_hash_are_explained() -> None:
+    from twfix.counters import TcpCounters
     from twfix.doctor import namespace_findings
-    from twfix.netns import NetNamespace, TcpCounters
+    from twfix.netns import NetNamespace
 
     a, b, quiet = (NetNamespace(i, f"/run/netns/n{i}", f"n{i}") for i in (1, 2, 3))
     counted = [(a, TcpCounters(10, 0, 5000, 10)), (b, TcpCounters(2000, 0, 0, 2000)), (quiet, TcpCounters(1, 0, 0, 1))]

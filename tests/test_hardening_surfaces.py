@@ -23,7 +23,7 @@ import pytest
 
 import twfix
 from tests.conftest import NetNS, run_unprivileged, unprivileged_python
-from twfix import cli, netns, watch
+from twfix import cli, counters, netns, watch
 from twfix._ipython import run as magic
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -131,14 +131,14 @@ def test_stale_run_netns_entries_are_skipped_and_reported(stale_run_netns: list[
 
 
 def test_a_namespace_that_vanishes_during_a_scrape_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = netns.counters
+    real = counters.tcp
 
-    def flaky(ns: netns.NetNamespace | None = None) -> netns.TcpCounters:
+    def flaky(ns: netns.NetNamespace | None = None) -> counters.TcpCounters:
         if ns is not None and ns.inode == netns.current_inode():
             raise ValueError("/run/netns/gone is not a network namespace")  # replaced between list and read
         return real(ns)
 
-    monkeypatch.setattr(netns, "counters", flaky)
+    monkeypatch.setattr(counters, "tcp", flaky)
     text = metrics.exposition(all_netns=True)
     assert values(text, "twfix_netns_unreadable")[0][1] >= 1
 

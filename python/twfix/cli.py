@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TextIO
 
 import twfix
-from twfix import _cli_args, diag, netns, owners, sysctl, tune
+from twfix import _cli_args, counters, diag, netns, owners, sysctl, tune
 from twfix._args import namespace_path
 from twfix._text import printable
 from twfix.conflict import Explanation, explain
@@ -76,18 +76,18 @@ def _ns(args: argparse.Namespace) -> dict[str, Any]:
     return {"netns": getattr(args, "netns", None), "pid": getattr(args, "pid", None)}
 
 
-def _busiest(detail: int) -> list[tuple[netns.NetNamespace, netns.TcpCounters]]:
+def _busiest(detail: int) -> list[tuple[netns.NetNamespace, counters.TcpCounters]]:
     """Every namespace with its counters, busiest first (``--all-netns``); ``detail`` must be >= 0."""
     if detail < 0:
         raise ValueError(f"--detail must be >= 0, got {detail}")
     counted = []
     for ns in netns.namespaces():
         with contextlib.suppress(OSError, ValueError):  # gone meanwhile, or no longer a namespace
-            counted.append((ns, netns.counters(ns)))
+            counted.append((ns, counters.tcp(ns)))
     return sorted(counted, key=lambda pair: -(pair[1].time_wait + pair[1].inuse))
 
 
-def _namespace_table(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]], out: TextIO) -> None:
+def _namespace_table(counted: list[tuple[netns.NetNamespace, counters.TcpCounters]], out: TextIO) -> None:
     rows = [["Namespace", "Process", "TCP in use", "TIME-WAIT", ""]]
     for ns, c in counted:
         who = f"{ns.pids[0]}/{printable(ns.program)}" if ns.pids else ""
@@ -97,7 +97,7 @@ def _namespace_table(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]]
         _write(out, f"note: /run/netns/{bad.name} skipped: {bad.reason}")
 
 
-def _per_namespace(counted: list[tuple[netns.NetNamespace, netns.TcpCounters]], read: Any, out: TextIO) -> list[Any]:
+def _per_namespace(counted: list[tuple[netns.NetNamespace, counters.TcpCounters]], read: Any, out: TextIO) -> list[Any]:
     """``read(ns)`` for each namespace; one that vanished meanwhile is noted and skipped."""
     results = []
     for ns, _c in counted:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, diag, kernel, netns, owners, sysctl, sysctl_conf
+from twfix import _twfix, counters, diag, kernel, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
 from twfix.findings import Change, Finding, Report, Severity, short
 from twfix.sysctl import PortRange
@@ -90,11 +90,11 @@ class _Host:
 
     def sockstat_tw(self) -> int | None:
         text = self.proc_net("sockstat")
-        return netns.parse_sockstat(text).time_wait if text is not None else None
+        return counters.parse_sockstat(text).time_wait if text is not None else None
 
     def tcpext(self) -> dict[str, int]:
         if self._tcpext is None:
-            self._tcpext = netns.parse_tcpext(self.proc_net("netstat") or "")
+            self._tcpext = counters.parse_tcpext(self.proc_net("netstat") or "")
         return self._tcpext
 
     def config_files(self) -> list[tuple[Path, OSError | None]]:

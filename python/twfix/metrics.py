@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from twfix import _safefile, _twfix, diag, netns, sysctl
+from twfix import _safefile, _twfix, counters, diag, netns, sysctl
 from twfix._args import check_count
 from twfix._text import printable
 from twfix.doctor import doctor
@@ -58,7 +58,7 @@ _KNOBS: Final = (
 @dataclass(frozen=True)
 class _Detail:
     ns: NetNamespace
-    counts: netns.TcpCounters
+    counts: counters.TcpCounters
     table: diag.TableSnapshot
     knobs: sysctl.SysctlTable
     overflow: int
@@ -97,7 +97,7 @@ class TwfixCollector(Collector):
         vanished = 0
         for ns in spaces:
             try:
-                counted.append((ns, netns.counters(ns)))
+                counted.append((ns, counters.tcp(ns)))
             except (OSError, ValueError):
                 vanished += 1  # exited meanwhile, not ours to enter, or replaced by something else
         # Any local user can add namespaces: the series per scrape are capped, the busiest kept.
@@ -151,7 +151,7 @@ class TwfixCollector(Collector):
             [((), time.monotonic() - start)],
         )
 
-    def _detail(self, ns: NetNamespace, counts: netns.TcpCounters) -> _Detail:
+    def _detail(self, ns: NetNamespace, counts: counters.TcpCounters) -> _Detail:
         path = None if ns.inode == netns.current_inode() else ns.path
         knobs = sysctl.read(netns=path)  # the whole catalogue, once: these series and the doctor share it
         rng = knobs["net.ipv4.ip_local_port_range"]
@@ -163,7 +163,7 @@ class TwfixCollector(Collector):
         findings = [(f.code, str(f.severity)) for f in report.findings]
         return _Detail(ns, counts, table, knobs, _overflow(path), findings)
 
-    def _counters(self, counted: list[tuple[NetNamespace, netns.TcpCounters]]) -> Iterator[Metric]:
+    def _counters(self, counted: list[tuple[NetNamespace, counters.TcpCounters]]) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             "twfix_netns_info",
             "A network namespace: its inode, ip-netns name, a representative process and its container id.",
@@ -271,7 +271,7 @@ def _gauge(name: str, doc: str, labels: list[str], values: list[tuple[tuple[str,
 def _overflow(path: str | None) -> int:
     """TcpExt TCPTimeWaitOverflow of the namespace at ``path``."""
     (text,) = _twfix.read_proc_net(["netstat"], path)
-    return netns.parse_tcpext(text or "").get("TCPTimeWaitOverflow", 0)
+    return counters.parse_tcpext(text or "").get("TCPTimeWaitOverflow", 0)
 
 
 def registry(**options: object) -> CollectorRegistry:

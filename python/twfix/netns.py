@@ -19,14 +19,10 @@ from twfix._text import printable
 __all__ = [
     "BadEntry",
     "NetNamespace",
-    "TcpCounters",
     "bad_entries",
-    "counters",
     "current",
     "current_inode",
     "namespaces",
-    "parse_sockstat",
-    "parse_tcpext",
     "port_listeners",
 ]
 
@@ -74,50 +70,6 @@ class NetNamespace:
 
 
 _CONTAINER_ID: Final = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$", re.M)
-
-
-@dataclass(frozen=True)
-class TcpCounters:
-    """The TCP line of a namespace's /proc/net/sockstat: O(1) to read, whatever the table's size."""
-
-    inuse: int
-    orphan: int
-    time_wait: int
-    alloc: int
-
-
-def _number(text: str) -> int | None:
-    return int(text) if text.isascii() and text.isdigit() else None
-
-
-def parse_sockstat(text: str) -> TcpCounters:
-    """The TCP line of /proc/net/sockstat text (missing fields read as 0)."""
-    values = dict.fromkeys(("inuse", "orphan", "tw", "alloc"), 0)
-    for line in text.splitlines():
-        if line.startswith("TCP:"):
-            words = line.split()[1:]
-            for key, value in zip(words[::2], words[1::2], strict=False):
-                number = _number(value)
-                if key in values and number is not None:
-                    values[key] = number
-    return TcpCounters(values["inuse"], values["orphan"], values["tw"], values["alloc"])
-
-
-def parse_tcpext(text: str) -> dict[str, int]:
-    """The TcpExt counters of /proc/net/netstat text (a header line of names, then a line of values)."""
-    lines = text.splitlines()
-    for head, values in zip(lines[::2], lines[1::2], strict=False):
-        if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            pairs = zip(head.split()[1:], values.split()[1:], strict=False)
-            return {name: number for name, value in pairs if (number := _number(value)) is not None}
-    return {}
-
-
-def counters(ns: NetNamespace | None = None) -> TcpCounters:
-    """The sockstat counters of ``ns`` (None: the caller's namespace), read from a thread inside it."""
-    own = ns is None or ns.inode == current_inode()  # no thread needed to read the caller's own
-    (text,) = _twfix.read_proc_net(["sockstat"], None if own or ns is None else ns.path)
-    return parse_sockstat(text or "")
 
 
 def current() -> NetNamespace:

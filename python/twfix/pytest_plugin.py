@@ -32,7 +32,7 @@ import twfix
 from twfix import _binds, _import_hook, _private_netns
 from twfix._private_netns import NetworkNamespace
 from twfix._text import printable
-from twfix.netns import counters as namespace_counters  # `netns` is a fixture of this module
+from twfix.counters import tcp as namespace_counters  # `netns` is a fixture of this module
 from twfix.ports import PortPool
 
 __all__ = ["BoundSocket", "NetworkNamespace"]
