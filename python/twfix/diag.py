@@ -130,14 +130,7 @@ class SocketList(list[SocketEntry]):
 
     def render(self, rows: int = TEXT_ROWS) -> str:
         """A text table of the first ``rows`` sockets and how many more there are (addresses escaped)."""
-        lines = [f"{len(self)} sockets"]
-        for e in self[:rows]:
-            peer = f" -> {e.raddr}" if e.raddr else ""
-            timer = f"  {e.expires:.1f} s" if e.expires is not None else ""
-            lines.append(printable(f"  {e.state!s:<14} {e.laddr}{peer}  uid {e.uid}{timer}"))
-        if len(self) > rows:
-            lines.append(f"  ... {len(self) - rows} more")
-        return "\n".join(lines)
+        return _cut(f"{len(self)} sockets", [_socket_line(e) for e in self[:rows]], len(self))
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """IPython's text rendering: a cut table, not the whole list's repr (99 KB for 465 sockets)."""
@@ -343,6 +336,23 @@ class EphemeralUsage(NamedTuple):
     headroom: int
 
 
+def _cut(title: str, lines: list[str], total: int) -> str:
+    """A text rendering: the title, the lines shown, and how many more there are."""
+    more = [f"  ... {total - len(lines)} more"] if total > len(lines) else []
+    return "\n".join([title, *lines, *more])
+
+
+def _socket_line(e: SocketEntry) -> str:
+    peer = f" -> {e.raddr}" if e.raddr else ""
+    timer = f"  {e.expires:.1f} s" if e.expires is not None else ""
+    return printable(f"  {e.state!s:<14} {e.laddr}{peer}  uid {e.uid}{timer}")
+
+
+def _usage_line(u: EphemeralUsage) -> str:
+    where = format_endpoint(u.remote_ip, u.remote_port)
+    return printable(f"  {u.local_ip} -> {where}: {u.in_use} in use, {u.time_wait} TIME-WAIT, {u.headroom} left")
+
+
 class UsageList(list[EphemeralUsage]):
     """The result of :func:`ephemeral_usage`: a list, with ``to_records()`` and an HTML table."""
 
@@ -351,15 +361,7 @@ class UsageList(list[EphemeralUsage]):
 
     def render(self, rows: int = TEXT_ROWS) -> str:
         """A text table of the busiest ``rows`` destinations and how many more there are."""
-        lines = [f"ephemeral ports per destination ({len(self)})"]
-        for u in self[:rows]:
-            where = format_endpoint(u.remote_ip, u.remote_port)
-            lines.append(
-                printable(f"  {u.local_ip} -> {where}: {u.in_use} in use, {u.time_wait} TIME-WAIT, {u.headroom} left")
-            )
-        if len(self) > rows:
-            lines.append(f"  ... {len(self) - rows} more")
-        return "\n".join(lines)
+        return _cut(f"ephemeral ports per destination ({len(self)})", [_usage_line(u) for u in self[:rows]], len(self))
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(self.render())
