@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from twfix import sysctl
-from twfix.sysctl import PortRange
+from twfix.kernel import PortRange
 
 __all__ = ["IN_USE_TEXT", "BindLog", "call_site", "current", "in_use", "set_current", "watch"]
 

@@ -30,13 +30,12 @@ from twfix._text import printable
 from twfix.diag import SocketEntry, TcpState, format_endpoint, port_entries
 from twfix.errors import AddressInUseError
 from twfix.explanation import Explanation, Holder, NamespaceHolder
+from twfix.kernel import PortRange
 from twfix.owners import holders_of
-from twfix.sysctl import PortRange
 
 __all__ = ["Explanation", "Holder", "NamespaceHolder", "address_in_use", "explain", "overlaps"]
 
 Kind = Literal["tcp", "udp"]
-_KINDS: Final = ("tcp", "udp")
 
 
 def _port_settings(ns: str | None) -> tuple[PortRange | None, int]:
@@ -228,7 +227,7 @@ def explain(
     """
     port = check_port(port)
     host = check_host(host)
-    kind = check_kind(kind, _KINDS)
+    kind = check_kind(kind, kernel.PROTOCOLS)
     sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     family, ip, _scope = resolve(host, port, socket.AF_INET6 if dualstack_ipv6 else None, sotype)
     flags = _twfix.F_DUALSTACK if dualstack_ipv6 else 0

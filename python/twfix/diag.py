@@ -17,7 +17,7 @@ from twfix import _twfix, kernel, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import SEVERITY_COLOURS, Cell, table
 from twfix._text import printable
-from twfix.sysctl import PortRange
+from twfix.kernel import PortRange
 
 __all__ = [
     "Addr",
@@ -151,18 +151,8 @@ class SocketList(list[SocketEntry]):
         return table("twfix-sockets", f"{len(self)} sockets", headers, rows, total=len(self))
 
 
-_KINDS: Final = {
-    "tcp": ("tcp", None),
-    "tcp4": ("tcp", socket.AF_INET),
-    "tcp6": ("tcp", socket.AF_INET6),
-    "udp": ("udp", None),
-    "udp4": ("udp", socket.AF_INET),
-    "udp6": ("udp", socket.AF_INET6),
-}
-
-
 def _kind(kind: object) -> tuple[str, int | None]:
-    return _KINDS[check_kind(kind, tuple(_KINDS))]
+    return kernel.KINDS[check_kind(kind, tuple(kernel.KINDS))]
 
 
 def _state_mask(states: Iterable[TcpState | str] | None) -> int:

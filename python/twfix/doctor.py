@@ -18,7 +18,7 @@ from typing import Any, Final
 from twfix import _twfix, counters, diag, kernel, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
 from twfix.findings import Change, Finding, Report, Severity, short
-from twfix.sysctl import PortRange
+from twfix.kernel import PortRange
 
 __all__ = ["doctor", "namespace_findings"]
 

@@ -16,7 +16,7 @@ from twfix._args import check_port, namespace_path
 from twfix._html import table
 from twfix._text import printable
 from twfix.diag import Addr, SocketEntry, TcpState, format_endpoint, sockets
-from twfix.sysctl import PortRange
+from twfix.kernel import PortRange
 
 __all__ = ["Holders", "PortHolder", "Process", "chosen_by_kernel", "holders_of", "owners_of", "who_holds"]
 

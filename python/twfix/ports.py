@@ -43,7 +43,6 @@ from twfix._args import check_kind
 
 __all__ = ["PortPool", "PortsExhaustedError", "lock_directory"]
 
-_KINDS: Final = ("tcp", "udp")
 _DIR_ENV: Final = "TWFIX_PORTS_DIR"
 # struct flock on 64-bit Linux: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
 _FLOCK: Final = "hh4xqqi4x"
@@ -147,7 +146,7 @@ class PortPool:
 
         A TCP port is held in the kernel (a bound socket with ``SO_REUSEADDR``) unless ``hold=False``: only
         code that sets ``SO_REUSEADDR`` before its bind can use it meanwhile."""
-        kind = check_kind(kind, _KINDS)
+        kind = check_kind(kind, kernel.PROTOCOLS)
         if not isinstance(hold, bool):
             raise TypeError(f"hold must be True or False, not {hold!r}")
         sotype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM

@@ -11,7 +11,6 @@ caller's namespace never changes. twfix writes knobs only through ``twfix tune -
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import os
 import re
@@ -19,11 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from twfix import _catalogue, _twfix, kernel
+from twfix import _catalogue, _twfix
 from twfix._args import namespace_path
 from twfix._html import table
 from twfix._text import printable
 from twfix.errors import TwfixError
+from twfix.kernel import PortRange
 
 __all__ = [
     "PortRange",
@@ -319,84 +319,6 @@ def _is_int(v: object) -> bool:
 _EHASH: Final = "net.ipv4.tcp_ehash_entries"
 _RANGE: Final = "net.ipv4.ip_local_port_range"
 _RESERVED: Final = "net.ipv4.ip_local_reserved_ports"
-
-
-@dataclass(frozen=True)
-class PortRange:
-    """The ephemeral ports of a network namespace: ``ip_local_port_range`` minus ``ip_local_reserved_ports``.
-
-    The one place of the rule "the kernel may hand this port to connect() or bind(0)": inside the range
-    and not reserved (reserved ports are skipped by automatic assignment only; explicit binds ignore them).
-    """
-
-    low: int
-    high: int
-    reserved: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def size(self) -> int:
-        return self.high - self.low + 1
-
-    @property
-    def reserved_inside(self) -> int:
-        """How many ports of the range are reserved (overlapping reserved ranges counted once)."""
-        clipped = sorted(
-            (max(a, self.low), min(b, self.high)) for a, b in self.reserved if a <= self.high and b >= self.low
-        )
-        count, reach = 0, self.low - 1
-        for a, b in clipped:
-            if b > reach:
-                count += b - max(a, reach + 1) + 1
-                reach = b
-        return count
-
-    def _assigned(self) -> set[int]:
-        ports = set(range(self.low, self.high + 1))
-        for a, b in self.reserved:
-            ports.difference_update(range(max(a, self.low), min(b, self.high) + 1))
-        return ports
-
-    @property
-    def usable(self) -> int:
-        """Ports automatic assignment can hand out: the range minus the reserved ports inside it."""
-        return self.size - self.reserved_inside
-
-    def contains(self, port: int) -> bool:
-        return self.low <= port <= self.high
-
-    def is_reserved(self, port: int) -> bool:
-        return any(a <= port <= b for a, b in self.reserved)
-
-    def assigns(self, port: int) -> bool:
-        """True when connect() or bind(0) may be given ``port``: inside the range and not reserved."""
-        return self.contains(port) and not self.is_reserved(port)
-
-    def connect_first(self, port: int) -> bool:
-        """True for a port of the range with the parity connect() searches first (the range's low parity);
-        bind(0) searches the other parity first (the rule itself: :mod:`twfix.kernel`)."""
-        return self.assigns(port) and kernel.connect_first(self.low, port)
-
-    def bind_first(self, port: int) -> bool:
-        """True for a port of the range with the parity bind(0) searches first (see :meth:`connect_first`)."""
-        return self.assigns(port) and kernel.bind_first(self.low, port)
-
-    def port_set(self) -> bytes:
-        """The ports :meth:`assigns` accepts as a 65,536-bit map (bit ``p % 8`` of byte ``p // 8``), the
-        form the native aggregation reads. Cached per value of the two knobs: building it costs about
-        3 ms, which every snapshot would pay again."""
-        return _port_set(self)
-
-    def _port_set_uncached(self) -> bytes:
-        bits = bytearray(8192)
-        for p in self._assigned():
-            if 0 <= p <= 65535:
-                bits[p >> 3] |= 1 << (p & 7)
-        return bytes(bits)
-
-
-@functools.lru_cache(maxsize=16)
-def _port_set(ports: PortRange) -> bytes:
-    return ports._port_set_uncached()
 
 
 def port_range(*, netns: str | os.PathLike[str] | None = None, pid: int | None = None) -> PortRange:

@@ -11,8 +11,8 @@ from typing import Final
 from twfix import kernel, netns, sysctl
 from twfix.diag import SocketEntry, TcpState, format_endpoint, port_entries
 from twfix.explanation import Explanation, Holder, NamespaceHolder, process_list
+from twfix.kernel import PortRange
 from twfix.owners import chosen_by_kernel
-from twfix.sysctl import PortRange
 
 __all__ = [
     "Facts",
