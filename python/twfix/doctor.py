@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import _twfix, counters, diag, kernel, owners, sysctl, sysctl_conf
+from twfix import diag, kernel, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
-from twfix.findings import Change, Finding, Report, Severity, short
-from twfix.kernel import PortRange
+from twfix.findings import Finding, Report, Severity, short
+from twfix.observation import Observation
 
 __all__ = ["doctor", "namespace_findings"]
 
@@ -26,90 +26,7 @@ __all__ = ["doctor", "namespace_findings"]
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-# Destinations the rules look at (the busiest first); the rest never reach Python.
-_USAGE_LIMIT: Final = 100
-
-
-class _Host:
-    """What the rules read, gathered once per run: the catalogue of sysctls in one pass, and one walk
-    of the socket table (aggregated natively) shared by every rule."""
-
-    def __init__(
-        self,
-        root: Path,
-        ns: str | None = None,
-        table: diag.TableSnapshot | None = None,
-        knobs: sysctl.SysctlTable | None = None,
-    ) -> None:
-        self.root = root
-        self.ns = ns
-        self.knobs = knobs if knobs is not None else sysctl.read(netns=ns)
-        self._table = table
-        self._tcpext: dict[str, int] | None = None
-        self._proc_net: dict[str, str | None] | None = None
-        self._owners: dict[int, tuple[owners.Process, ...]] | None = None
-
-    def knob(self, name: str) -> Any:
-        """Typed sysctl value, or None when the running kernel lacks it."""
-        row = self.knobs.get(name)
-        return row.value if row is not None and row.available else None
-
-    def default(self, name: str) -> Any:
-        """The kernel default of a knob (derived ones computed for this namespace), or None."""
-        row = self.knobs.get(name)
-        return row.default if row is not None else None
-
-    @property
-    def ports(self) -> PortRange | None:
-        rng = self.knob("net.ipv4.ip_local_port_range")
-        if rng is None:
-            return None
-        return sysctl.port_range_of(rng, self.knob("net.ipv4.ip_local_reserved_ports"))
-
-    def table(self) -> diag.TableSnapshot:
-        if self._table is None:
-            self._table = diag.snapshot("tcp", top=_TOP, ports=self.ports, netns=self.ns, usage_limit=_USAGE_LIMIT)
-        return self._table
-
-    def listener_owners(self) -> dict[int, tuple[owners.Process, ...]]:
-        """The processes holding each listening socket of the table, found in one search of /proc that
-        every rule shares."""
-        if self._owners is None:
-            self._owners, _denied = owners.owners_of((s.inode for s in self.table().listeners), self.ns)
-        return self._owners
-
-    def proc_net(self, name: str) -> str | None:
-        """A /proc/net file of the namespace (read once, with the others, from a thread inside it)."""
-        if self._proc_net is None:
-            try:
-                texts = _twfix.read_proc_net(["sockstat", "netstat"], self.ns)
-            except OSError:
-                texts = [None, None]
-            self._proc_net = dict(zip(["sockstat", "netstat"], texts, strict=True))
-        return self._proc_net.get(name)
-
-    def sockstat_tw(self) -> int | None:
-        text = self.proc_net("sockstat")
-        return counters.parse_sockstat(text).time_wait if text is not None else None
-
-    def tcpext(self) -> dict[str, int]:
-        if self._tcpext is None:
-            self._tcpext = counters.parse_tcpext(self.proc_net("netstat") or "")
-        return self._tcpext
-
-    def config_files(self) -> list[tuple[Path, OSError | None]]:
-        return sysctl_conf.places(self.root)
-
-    def change(self, name: str, after: Any, reason: str) -> tuple[Change, ...]:
-        """The fix setting ``name`` to ``after``, or nothing when that is already its value."""
-        before = self.knob(name)
-        return () if before == after else (Change(name, before, after, reason),)
-
-
-# Top ports and peers the snapshot keeps per state.
-_TOP: Final = 10
-
-Rule = Callable[[_Host], Iterable[Finding]]
+Rule = Callable[[Observation], Iterable[Finding]]
 _RULES: list[Rule] = []
 
 
@@ -127,7 +44,7 @@ _TW_FACT: Final = (
 
 
 @_rule
-def _time_wait_buckets(host: _Host) -> Iterator[Finding]:
+def _time_wait_buckets(host: Observation) -> Iterator[Finding]:
     cap = host.knob("net.ipv4.tcp_max_tw_buckets")
     tw = host.sockstat_tw()
     overflow = host.tcpext().get("TCPTimeWaitOverflow", 0)
@@ -175,7 +92,7 @@ def _time_wait_buckets(host: _Host) -> Iterator[Finding]:
 
 
 @_rule
-def _time_wait_origin(host: _Host) -> Iterator[Finding]:
+def _time_wait_origin(host: Observation) -> Iterator[Finding]:
     """Where TIME-WAIT comes from: which side closes first, the busiest local ports and peers."""
     summary = host.table().summary
     tw = summary.by_state.get(diag.TcpState.TIME_WAIT, 0)
@@ -214,7 +131,7 @@ _ORIGIN_THRESHOLD: Final = 100
 
 
 @_rule
-def _ephemeral_range(host: _Host) -> Iterator[Finding]:
+def _ephemeral_range(host: Observation) -> Iterator[Finding]:
     ports = host.ports
     if ports is None:
         return
@@ -270,7 +187,7 @@ def _ephemeral_range(host: _Host) -> Iterator[Finding]:
 _DEFAULT_RANGE: Final = kernel.DEFAULT_PORT_RANGE
 
 
-def _wider_range(host: _Host, lo: int, hi: int) -> tuple[int, int]:
+def _wider_range(host: Observation, lo: int, hi: int) -> tuple[int, int]:
     """The range to recommend: at least the kernel default, bounds of different parity, and not below
     ip_unprivileged_port_start."""
     lo, hi = min(lo, _DEFAULT_RANGE[0]), max(hi, _DEFAULT_RANGE[1])
@@ -283,7 +200,7 @@ def _wider_range(host: _Host, lo: int, hi: int) -> tuple[int, int]:
 
 
 @_rule
-def _headroom(host: _Host) -> Iterator[Finding]:
+def _headroom(host: Observation) -> Iterator[Finding]:
     tight = [u for u in host.table().usage if u.capacity and u.headroom <= 0.1 * u.capacity]
     for u in sorted(tight, key=lambda u: u.headroom)[:5]:
         severity = Severity.ERROR if u.headroom <= 0 else Severity.WARNING
@@ -309,7 +226,7 @@ def _headroom(host: _Host) -> Iterator[Finding]:
 
 
 @_rule
-def _tw_reuse(host: _Host) -> Iterator[Finding]:
+def _tw_reuse(host: Observation) -> Iterator[Finding]:
     reuse = host.knob("net.ipv4.tcp_tw_reuse")
     stamps = host.knob("net.ipv4.tcp_timestamps")
     if reuse is None:
@@ -352,7 +269,7 @@ _OUTGOING_TW_THRESHOLD: Final = 1000
 
 
 @_rule
-def _listeners_in_range(host: _Host) -> Iterator[Finding]:
+def _listeners_in_range(host: Observation) -> Iterator[Finding]:
     ports = host.ports
     if ports is None:
         return
@@ -424,7 +341,7 @@ _FOLKLORE: Final = {
 
 
 @_rule
-def _folklore(host: _Host) -> Iterator[Finding]:
+def _folklore(host: Observation) -> Iterator[Finding]:
     for path, error in host.config_files():
         text = None
         if error is None:
@@ -446,7 +363,7 @@ def _folklore(host: _Host) -> Iterator[Finding]:
         yield from _check_config(host, path, text)
 
 
-def _check_config(host: _Host, path: Path, text: str) -> Iterator[Finding]:
+def _check_config(host: Observation, path: Path, text: str) -> Iterator[Finding]:
     mentions_tw = sysctl_conf.mentions_time_wait(text)
     for n, key, value, raw in sysctl_conf.assignments(text):
         row = host.knobs.get(key)
@@ -556,7 +473,7 @@ def doctor(
     if not is_dir:
         raise ValueError(f"root {str(root_path)!r} is not a directory")
     release = platform.release()
-    host = _Host(root_path, ns, table, knobs)
+    host = Observation(root_path, ns, table, knobs)
     findings: list[Finding] = []
     for rule in _RULES:
         try:

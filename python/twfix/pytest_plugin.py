@@ -29,10 +29,9 @@ from typing import Any, Final, Literal
 import pytest
 
 import twfix
-from twfix import _binds, _import_hook, _private_netns
+from twfix import _binds, _import_hook, _leaks, _private_netns
 from twfix._private_netns import NetworkNamespace
 from twfix._text import printable
-from twfix.counters import tcp as namespace_counters  # `netns` is a fixture of this module
 from twfix.ports import PortPool
 
 __all__ = ["BoundSocket", "NetworkNamespace"]
@@ -383,19 +382,6 @@ def netns(twfix_netns: NetworkNamespace) -> NetworkNamespace:
 # ------------------------------------------------------------------ leak guard and conflict reports
 
 
-def _socket_fds() -> dict[int, int]:
-    """This process's socket descriptors: fd -> inode."""
-    found = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found[int(name)] = int(target[8:-1])
-    return found
-
-
 def _guarded(item: pytest.Item) -> bool:
     return _flag(item.config, "leaks") or item.get_closest_marker("twfix_no_leaks") is not None
 
@@ -421,7 +407,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     if _guarded(item):
-        item.stash[_BEFORE_KEY] = (set(_socket_fds()), _time_wait_count())
+        item.stash[_BEFORE_KEY] = (set(_leaks.socket_fds()), _leaks.time_wait_count())
     return (yield)
 
 
@@ -432,43 +418,15 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if before is None:
         return result
     fds_before, tw_before = before
-    leaked = {fd: inode for fd, inode in _socket_fds().items() if fd not in fds_before}
+    leaked = {fd: inode for fd, inode in _leaks.socket_fds().items() if fd not in fds_before}
     log = item.stash.get(_LOG_KEY, None)
     created = log.creation_sites() if log is not None else {}
-    tw = _time_wait_count() - tw_before
+    tw = _leaks.time_wait_count() - tw_before
     if tw > 0:
         item.add_report_section("teardown", "twfix", f"{tw} TIME-WAIT socket(s) created by this test")
     if leaked:
-        raise pytest.fail.Exception(_leak_report(leaked, created), pytrace=False)
+        raise pytest.fail.Exception(_leaks.leak_report(leaked, created), pytrace=False)
     return result
-
-
-def _time_wait_count() -> int:
-    """TIME-WAIT of the test's namespace from sockstat: O(1), where a dump would walk the whole table."""
-    try:
-        return namespace_counters().time_wait
-    except OSError:
-        return 0
-
-
-def _leak_report(leaked: dict[int, int], created: dict[int, list[str]]) -> str:
-    by_inode: dict[int, twfix.SocketEntry] = {}
-    for kind in ("tcp", "udp"):
-        try:
-            for entry in twfix.sockets(kind):
-                by_inode[entry.inode] = entry
-        except OSError:
-            pass
-    lines = [f"twfix: the test left {len(leaked)} socket(s) open:"]
-    for fd, inode in sorted(leaked.items()):
-        found = by_inode.get(inode)
-        what = "socket"
-        if found is not None:
-            what = f"{found.state} {found.laddr}" + (f" -> {found.raddr}" if found.raddr else "")
-        lines.append(f"  fd {fd}: {what}")
-        for frame in created.get(fd, [])[-2:]:
-            lines.extend("    " + line for line in frame.rstrip().splitlines())
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ reports
