@@ -4,13 +4,13 @@ Private to the pytest plugin, and free of pytest itself."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import re
 import socket
 import sys
+import sysconfig
 import traceback
 import types
 import weakref
@@ -26,7 +26,8 @@ __all__ = ["IN_USE_TEXT", "BindLog", "call_site", "current", "in_use", "set_curr
 _OWN_FILES: Final = (
     os.path.dirname(__file__) + os.sep,
     socket.__file__,
-    os.path.dirname(asyncio.__file__) + os.sep,
+    # asyncio's folder, found without importing it (the plugin must not import asyncio for every suite).
+    os.path.join(sysconfig.get_paths()["stdlib"], "asyncio") + os.sep,
 )
 
 

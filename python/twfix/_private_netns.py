@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -16,7 +17,12 @@ from twfix import _twfix
 __all__ = ["NetworkNamespace", "enter", "leave", "unavailable"]
 
 _CLONE_NEWNET: Final = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded the first time a namespace is made (never on the plugin's import)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class NetworkNamespace:
@@ -59,7 +65,7 @@ def enter() -> int:
     """Move the calling thread into a fresh network namespace with loopback up; returns a descriptor of
     the namespace it left (for :func:`leave`). OSError when the kernel refuses."""
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    if _libc.unshare(_CLONE_NEWNET) != 0:
+    if _libc().unshare(_CLONE_NEWNET) != 0:
         errno_ = ctypes.get_errno()
         os.close(original)
         raise OSError(errno_, os.strerror(errno_))
@@ -74,7 +80,7 @@ def enter() -> int:
 def leave(original: int) -> None:
     """Back to the namespace :func:`enter` left; closes its descriptor."""
     try:
-        if _libc.setns(original, _CLONE_NEWNET) != 0:
+        if _libc().setns(original, _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "setns back to the test's original network namespace failed")
     finally:
         os.close(original)

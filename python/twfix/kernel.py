@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
-    "BIND_FIRST_PARITY_IS_OTHER",
     "DEFAULT_PORT_RANGE",
     "KINDS",
     "ORPHAN_RETRIES_WHEN_ZERO",
@@ -91,13 +90,11 @@ RTO_MIN: Final = 0.2
 RTO_MAX: Final = 120.0
 # tcp_orphan_retries() in net/ipv4/tcp_timer.c: 0 means 8 for a peer that still answers.
 ORPHAN_RETRIES_WHEN_ZERO: Final = 8
-# Automatic assignment (Linux 4.6+): connect() searches ports of the range's low parity first
-# (__inet_hash_connect), bind(0) the other parity first (inet_csk_find_open_port).
-BIND_FIRST_PARITY_IS_OTHER: Final = True
 
 
 def connect_first(low: int, port: int) -> bool:
-    """True for a port with the parity connect() searches first in a range starting at ``low``."""
+    """True for a port with the parity connect() searches first in a range starting at ``low`` (Linux 4.6+:
+    __inet_hash_connect starts at the low parity; inet_csk_find_open_port, for bind(0), at the other)."""
     return port % 2 == low % 2
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from twfix import kernel, netns, sysctl
-from twfix.diag import SocketEntry, TcpState, format_endpoint, port_entries
+from twfix.diag import SocketEntry, TcpState, format_endpoint, sockets
 from twfix.explanation import Explanation, Holder, NamespaceHolder, process_list
 from twfix.kernel import PortRange
 from twfix.owners import chosen_by_kernel
@@ -207,7 +207,8 @@ def listener(f: Facts) -> Explanation:
     )
 
 
-_RETRANSMITTING: Final = frozenset({TcpState.FIN_WAIT1, TcpState.CLOSING, TcpState.LAST_ACK})
+# Orphans whose timer is a retransmission (FIN_WAIT2 and TIME-WAIT run a fixed timer instead).
+_RETRANSMITTING: Final = kernel.ORPHAN_STATES - {"FIN_WAIT2", "TIME_WAIT"}
 
 
 def _orphan_retries(ns: str | None) -> tuple[int | None, int | None]:
@@ -224,7 +225,7 @@ def _orphan_retries(ns: str | None) -> tuple[int | None, int | None]:
 
 def orphans(f: Facts) -> Explanation:
     states = sorted({h.state for h in f.orphans})
-    retransmitting = [e for e in f.orphan_entries if e.state in _RETRANSMITTING]
+    retransmitting = [e for e in f.orphan_entries if str(e.state) in _RETRANSMITTING]
     # FIN_WAIT2 and TIME-WAIT timers are the time left; a retransmitting orphan's timer is only the next
     # retransmission, and how many more follow, each after twice the wait, is the kernel's to decide.
     frees = None if retransmitting else _seconds(f.orphan_entries)
@@ -285,12 +286,16 @@ def _client_side(f: Facts) -> tuple[bool, str, str]:
         return False, "likely", "the port lies outside the ephemeral range, so connect() never gave it out"
     peers = sorted({(e.raddr.ip, e.raddr.port) for e in f.time_wait if e.raddr is not None})
     own = {unmap(e.laddr.ip) for e in f.time_wait}
+    # One listen-only dump (the kernel skips the established hash) for every peer, however many there are.
+    listening: dict[int, list[str]] = {}
+    for e in sockets("tcp", states=[TcpState.LISTEN], netns=f.ns):
+        listening.setdefault(e.laddr.port, []).append(unmap(e.laddr.ip))
     for ip, port in peers:
         peer_ip = unmap(ip)
         local = peer_ip in own or ipaddress.ip_address(peer_ip).is_loopback
-        for e in port_entries("tcp", port, [TcpState.LISTEN], f.ns):
+        for listener_ip in listening.get(port, ()):
             # A wildcard listener covers the peer only if the peer address is this host's own.
-            if unmap(e.laddr.ip) == peer_ip or (is_wildcard(e.laddr.ip) and local):
+            if listener_ip == peer_ip or (is_wildcard(listener_ip) and local):
                 where = format_endpoint(ip, port)
                 return True, "certain", f"the peer {where} is a live listener here: this side connected to it"
     if not ports.connect_first(f.port):
