@@ -251,9 +251,9 @@ BAD = [
     (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
     (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
     (lambda: twfix.summary(top=2**64), None, ""),  # clamped, not an OverflowError
-    (lambda: _twfix.snapshot("icmp", 1, b"", False), ValueError, "protocol"),
-    (lambda: _twfix.snapshot("tcp", 1, b"", False, "magic"), ValueError, "source"),
-    (lambda: _twfix.snapshot("tcp", 1, b"xyz", False), ValueError, "port set"),
+    (lambda: _twfix.snapshot("icmp", 0xF7F, 1, b"", False), ValueError, "protocol"),
+    (lambda: _twfix.snapshot("tcp", 0xF7F, 1, b"", False, "magic"), ValueError, "source"),
+    (lambda: _twfix.snapshot("tcp", 0xF7F, 1, b"xyz", False), ValueError, "port set"),
     (lambda: _twfix.dump_entries("tcp", 1, 70000, "auto", tuple, tuple, [], []), OverflowError, "int"),
     (lambda: _twfix.dump_entries("tcp", 1, None, "auto", tuple, tuple, [], []), ValueError, "families"),
 ]

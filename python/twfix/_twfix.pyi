@@ -62,6 +62,7 @@ def dump_entries(
 ) -> list[Any]: ...
 def snapshot(
     proto: str,
+    states: int,
     top: int,
     ephemeral: bytes,
     usage: bool,

@@ -422,6 +422,7 @@ def snapshot(
     port_set = known.port_set() if known is not None else b""
     total, counts, top_ports, remotes, hist, tw_server, listeners, usage, exact, outside = _twfix.snapshot(
         proto,
+        _WALK_STATES if proto == "tcp" else _ALL_STATES,  # the mask lives in twfix.kernel only
         top,
         port_set,
         ports is not None,

@@ -33,12 +33,6 @@ pub const LISTEN: u8 = 10;
 pub const BOUND_INACTIVE: u8 = 13;
 /// Every state: the mask of a dump that filters nothing.
 pub const ALL_STATES: u32 = u32::MAX;
-/// TCP states 0..11 (NEW_SYN_RECV comes with SYN_RECV): every socket of the established and listening
-/// hashes, as `ss -a` asks. BOUND_INACTIVE (bit 13, Linux 6.8+) is left out: asking for it makes the
-/// kernel also walk the bind hash, which every namespace of the host shares (1.2-1.6x the walk, and
-/// about 6 ms even in an empty namespace). Only questions that need bound-only sockets ask for them.
-/// CLOSE is left out too: for TCP it stands for the same bound-only sockets (see `Query::new`).
-pub const WALK_STATES: u32 = ((1 << 12) - 1) & !(1 << CLOSE);
 
 pub const AF_INET: u8 = libc::AF_INET as u8;
 pub const AF_INET6: u8 = libc::AF_INET6 as u8;

@@ -6,7 +6,7 @@ use pyo3::types::{PyFloat, PyList, PyString, PyTuple};
 
 use super::aggregate::{FastMap, PortSet, Snapshot, top_n};
 use super::stream::{collect, stream};
-use super::{AF_INET, ALL_STATES, Filter, LISTEN, Proto, Query, Source, WALK_STATES, format_ip, netlink, owners};
+use super::{AF_INET, Filter, LISTEN, Proto, Query, Source, format_ip, netlink, owners};
 use crate::errors::Error;
 
 /// Strings and address objects shared between entries, at most this many of each.
@@ -127,11 +127,12 @@ pub type PySnapshot = (
 /// comes first: it is cheap (the kernel skips the established hash) and tells server-side TIME-WAIT
 /// and accepted connections apart from outgoing ones.
 #[pyfunction]
-#[pyo3(signature = (proto, top, ephemeral, usage, source="auto", netns=None, usage_limit=0))]
+#[pyo3(signature = (proto, states, top, ephemeral, usage, source="auto", netns=None, usage_limit=0))]
 #[allow(clippy::too_many_arguments)] // the Python-facing signature; every argument is a plain value
 pub fn snapshot(
     py: Python<'_>,
     proto: &str,
+    states: u32,
     top: usize,
     ephemeral: &[u8],
     usage: bool,
@@ -149,7 +150,6 @@ pub fn snapshot(
                 let q = Query::new(proto, 1 << LISTEN, source, Filter::All);
                 stream(&q, |r| listeners.push(*r))?;
             }
-            let states = if proto == Proto::Tcp { WALK_STATES } else { ALL_STATES };
             let q = Query::new(proto, states, source, Filter::All);
             collect(&q, || Snapshot::new(listeners.clone(), ephemeral.clone(), usage), Snapshot::add)
         })
