@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,37 @@ def time_wait_pairs(server: socket.socket, count: int, *, server_closes: bool) -
             s.recv(1)  # wait for the FIN so the close order is certain
             s.close()
         done += batch
+    settle(addr[1])
+
+
+# /proc/net/tcp state codes of a close under way: FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
+_CLOSING = frozenset({"04", "05", "08", "09", "0B"})
+
+
+def settle(port: int, timeout: float = 20.0) -> None:
+    """Wait (at most `timeout` s) until no TCP socket on `port` is half-way through a close.
+
+    Loopback hands the last FIN and ACK to a softirq; on a host whose cores are busy, ksoftirqd runs it
+    late, so a test that counts TIME-WAIT right after close() can see a few sockets still in FIN_WAIT2
+    or LAST_ACK. Read from /proc (not twfix) so the tests' witness stays independent.
+    """
+    deadline = time.monotonic() + timeout
+    while closing_on_port(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def closing_on_port(port: int) -> int:
+    """How many TCP sockets (either family) with `port` at either end are half-way through a close."""
+    hexport = f":{port:04X}"
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(name) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if fields[3] in _CLOSING and (fields[1].endswith(hexport) or fields[2].endswith(hexport)):
+                    count += 1
+    return count
 
 
 def listener_without_reuseaddr(host: str = "127.0.0.1", port: int = 0) -> tuple[socket.socket, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import twfix
-from tests.conftest import NetNS, listener_without_reuseaddr, run_unprivileged, time_wait_pairs
+from tests.conftest import NetNS, listener_without_reuseaddr, run_unprivileged, settle, time_wait_pairs
 from twfix.findings import Report, Severity
 
 
@@ -102,6 +102,7 @@ def test_headroom_per_destination(netns: NetNS, empty_root: Path) -> None:
         c.recv(1)
         c.close()
     server.close()
+    settle(5000)
     assert "EPHEMERAL-HEADROOM" not in _codes(twfix.doctor(root=empty_root))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import twfix
-from tests.conftest import NetNS
+from tests.conftest import NetNS, settle
 from twfix import sysctl, tune
 
 SERVER = """
@@ -101,6 +101,7 @@ def test_server_side_time_wait_on_a_kernel_chosen_port_is_still_the_servers(netn
     c.recv(1)
     c.close()
     srv.close()
+    settle(port)
     why = twfix.explain(port, "127.0.0.1")
     assert why.cause == "time-wait-server", why
 

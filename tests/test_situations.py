@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 import twfix
-from tests.conftest import NetNS, listener_without_reuseaddr, time_wait_pairs
+from tests.conftest import NetNS, listener_without_reuseaddr, settle, time_wait_pairs
 
 
 class Child:
@@ -268,6 +268,7 @@ def test_client_side_time_wait_is_told_apart(netns: NetNS) -> None:
         client.close()  # the client closes first: TIME-WAIT on its ephemeral source port
         conn.recv(1)
         conn.close()
+        settle(src)
         assert [e.state for e in twfix.sockets(port=src)] == [twfix.TcpState.TIME_WAIT]
         assert src % 2 == 0  # connect() takes the range's even ports first
         why = twfix.explain(src, "127.0.0.1")

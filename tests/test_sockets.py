@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 import twfix
-from tests.conftest import NetNS, open_fds, unprivileged_python
+from tests.conftest import NetNS, open_fds, settle, unprivileged_python
 
 SOL, REUSEADDR = socket.SOL_SOCKET, socket.SO_REUSEADDR
 REUSEPORT = socket.SO_REUSEPORT
@@ -34,6 +34,7 @@ def _time_wait_on_server_port(server: socket.socket, clients: int = 3) -> int:
         assert peer.recv(1) == b""  # FIN received: the server side is now in FIN_WAIT2 -> TIME_WAIT
         peer.close()
     server.close()
+    settle(port)
     return int(port)
 
 
