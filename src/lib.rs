@@ -31,7 +31,7 @@ mod _twfix {
     use crate::files::rename_at;
 
     #[pymodule_export]
-    use crate::sysctl::{read_sysctls, sysctl_key, write_sysctl};
+    use crate::sysctl::{fresh_netns_sysctls, read_sysctls, sysctl_key, write_sysctl};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -5,7 +5,7 @@
 use std::os::fd::OwnedFd;
 
 use nix::fcntl::{OFlag, open};
-use nix::sched::{CloneFlags, setns};
+use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::stat::Mode;
 
 use crate::errors::{Error, Result};
@@ -33,6 +33,20 @@ pub fn run_in<T: Send + 'static>(path: &str, f: impl FnOnce() -> Result<T> + Sen
             }
         })
         .map_err(|e| Error::os(e, "spawn a thread to enter the namespace"))?;
+    handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
+}
+
+/// Run `f` in a new thread that first makes a network namespace of its own (`unshare`), which the kernel
+/// frees when the thread ends. What `f` reads there is what every new namespace starts with.
+pub fn run_fresh<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let handle = std::thread::Builder::new()
+        .name("twfix-fresh-netns".into())
+        .spawn(move || -> Result<T> {
+            unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::Os { errno: e as i32, what: "unshare(CLONE_NEWNET)".into() })?;
+            f()
+        })
+        .map_err(|e| Error::os(e, "spawn a thread for a fresh namespace"))?;
     handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
 }
 

@@ -129,6 +129,17 @@ pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Result
     crate::netns::run(netns, move || Ok(names.iter().map(|n| read_one(n)).collect()))
 }
 
+/// Raw values as a network namespace created now would start with (the kernel's defaults for a new
+/// namespace), read on a thread that unshares one; OSError when this process may not create namespaces.
+#[pyfunction]
+pub fn fresh_netns_sysctls(py: Python<'_>, names: Vec<String>) -> PyResult<Vec<(String, Option<String>)>> {
+    let keys = names.iter().map(|n| key(n)).collect::<Result<Vec<_>>>()?;
+    let values = py.detach(|| {
+        crate::netns::run_fresh(move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>())
+    })?;
+    Ok(keys.into_iter().zip(values).collect())
+}
+
 /// One knob as read: (canonical key, raw value or None when absent, (errno, message) when unreadable).
 pub type PyKnob = (String, Option<String>, Option<(i32, String)>);
 

@@ -179,6 +179,7 @@ def test_syncookies_alone_is_not_folklore(netns: NetNS, empty_root: Path) -> Non
 # ------------------------------------------------------------------ experiments behind the advice
 
 
+@pytest.mark.kernel
 def test_fact_fin_timeout_does_not_shorten_time_wait(netns: NetNS) -> None:
     netns.write_sysctl("net.ipv4.tcp_fin_timeout", "3")
     server = twfix.reusable_tcp_server(0, "127.0.0.1")
@@ -190,10 +191,12 @@ def test_fact_fin_timeout_does_not_shorten_time_wait(netns: NetNS) -> None:
     assert all(e.expires is not None and e.expires > 50 for e in tws)  # still ~60 s, not 3 s
 
 
+@pytest.mark.kernel
 def test_fact_tw_recycle_is_gone(netns: NetNS) -> None:
     assert not Path("/proc/sys/net/ipv4/tcp_tw_recycle").exists()
 
 
+@pytest.mark.kernel
 def test_fact_tw_buckets_zero_means_no_time_wait(netns: NetNS) -> None:
     netns.write_sysctl("net.ipv4.tcp_max_tw_buckets", "0")
     server = twfix.reusable_tcp_server(0, "127.0.0.1")
@@ -212,6 +215,7 @@ def _exhaust_one_port(dest: tuple[str, int], server: socket.socket) -> None:
     a.close()
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(("reuse", "stamps", "expect_ok"), [(2, 1, False), (1, 1, True), (1, 0, False)])
 def test_fact_tw_reuse_needs_non_loopback_opt_in_and_timestamps(
     netns: NetNS, reuse: int, stamps: int, expect_ok: bool
@@ -219,12 +223,14 @@ def test_fact_tw_reuse_needs_non_loopback_opt_in_and_timestamps(
     _add_test_address("10.123.0.1")
     netns.write_sysctl("net.ipv4.tcp_timestamps", str(stamps))
     netns.write_sysctl("net.ipv4.tcp_tw_reuse", str(reuse))
-    netns.write_sysctl("net.ipv4.tcp_tw_reuse_delay", "1")
+    delay = Path("/proc/sys/net/ipv4/tcp_tw_reuse_delay").exists()  # 6.14+; before, a fixed ~1 s in 1-s steps
+    if delay:
+        netns.write_sysctl("net.ipv4.tcp_tw_reuse_delay", "1")
     server = twfix.reusable_tcp_server(5001, "10.123.0.1")
     netns.write_sysctl("net.ipv4.ip_local_port_range", "40001 40001")
     with server:
         _exhaust_one_port(("10.123.0.1", 5001), server)
-        time.sleep(0.05)  # past tcp_tw_reuse_delay (1 ms)
+        time.sleep(0.05 if delay else 2.1)  # past tcp_tw_reuse_delay (1 ms), or the fixed second
         if expect_ok:
             socket.create_connection(("10.123.0.1", 5001)).close()
         else:
@@ -233,6 +239,7 @@ def test_fact_tw_reuse_needs_non_loopback_opt_in_and_timestamps(
             assert info.value.errno == errno.EADDRNOTAVAIL
 
 
+@pytest.mark.kernel
 def test_fact_listener_in_range_loses_to_outgoing_connection(netns: NetNS) -> None:
     server = twfix.reusable_tcp_server(5002, "127.0.0.1")
     netns.write_sysctl("net.ipv4.ip_local_port_range", "40002 40002")
@@ -248,6 +255,7 @@ def test_fact_listener_in_range_loses_to_outgoing_connection(netns: NetNS) -> No
         server.accept()[0].close()
 
 
+@pytest.mark.kernel
 def test_fact_parity_split(netns: NetNS) -> None:
     """connect() takes ports of the range's low parity first, bind(port 0) the other parity."""
     server = twfix.reusable_tcp_server(5003, "127.0.0.1", backlog=64)
@@ -268,6 +276,7 @@ def test_fact_parity_split(netns: NetNS) -> None:
             s.close()
 
 
+@pytest.mark.kernel
 def test_fact_reserved_ports_only_stop_automatic_choice(netns: NetNS) -> None:
     server = twfix.reusable_tcp_server(5004, "127.0.0.1")
     netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40003")
@@ -280,6 +289,7 @@ def test_fact_reserved_ports_only_stop_automatic_choice(netns: NetNS) -> None:
             explicit.bind(("127.0.0.1", 40001))  # explicit binds ignore the reservation
 
 
+@pytest.mark.kernel
 def test_fact_syncookies_do_not_touch_time_wait(netns: NetNS) -> None:
     netns.write_sysctl("net.ipv4.tcp_syncookies", "2")  # cookies for every SYN
     server = twfix.reusable_tcp_server(0, "127.0.0.1")
@@ -291,6 +301,7 @@ def test_fact_syncookies_do_not_touch_time_wait(netns: NetNS) -> None:
     assert all(e.expires is not None and e.expires > 50 for e in tws)
 
 
+@pytest.mark.kernel
 def test_fact_tw_reuse_never_helps_bind(netns: NetNS) -> None:
     """tcp_tw_reuse is consulted by connect() only: a restart over TIME-WAIT of an old server without
     SO_REUSEADDR fails with every value of it."""

@@ -15,12 +15,12 @@ if not _sys.platform.startswith("linux"):  # pragma: no cover - CI is Linux; the
 
 from typing import Any
 
-from twfix import _ipython, sysctl, tune
+from twfix import _ipython, features, sysctl, tune
 from twfix._twfix import __version__
 from twfix.conflict import Explanation, explain
 from twfix.diag import Addr, EphemeralUsage, SocketEntry, SocketSummary, TcpState, ephemeral_usage, sockets, summary
 from twfix.doctor import doctor
-from twfix.errors import AddressInUseError, TwfixError, UnsupportedPlatformError
+from twfix.errors import AddressInUseError, KernelCannotTellWarning, TwfixError, UnsupportedPlatformError
 from twfix.findings import Finding, Report, Severity
 from twfix.owners import Holders, PortHolder, who_holds
 from twfix.reusable import make_reusable, reusable_tcp_client, reusable_tcp_server, reusable_tcp_servers, reusable_udp
@@ -33,6 +33,7 @@ __all__ = [
     "Explanation",
     "Finding",
     "Holders",
+    "KernelCannotTellWarning",
     "PortHolder",
     "Report",
     "Severity",
@@ -46,6 +47,7 @@ __all__ = [
     "doctor",
     "ephemeral_usage",
     "explain",
+    "features",
     "make_reusable",
     "reusable_tcp_client",
     "reusable_tcp_server",

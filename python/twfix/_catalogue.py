@@ -202,10 +202,10 @@ CATALOGUE: Final[dict[str, Knob]] = {
         "int",
         0,
         "buckets",
-        "size of the established hash of namespaces created from now on (0: they share the host's)",
+        "size of the established hash of namespaces created from this one from now on (0: they share the host's)",
         "the namespaces that exist already",
-        False,
-        "added in 6.1",
+        True,
+        "added in 6.1; each namespace has its own, read when a namespace is created from it",
         "set it before creating many busy containers, so that each gets its own hash",
     ),
     "net.netfilter.nf_conntrack_tcp_timeout_time_wait": Knob(

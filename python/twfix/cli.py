@@ -26,6 +26,7 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TextIO
 
@@ -36,7 +37,7 @@ from twfix._text import printable
 from twfix.conflict import Explanation, explain
 from twfix.diag import SocketEntry
 from twfix.doctor import doctor, namespace_findings
-from twfix.errors import TwfixError
+from twfix.errors import KernelCannotTellWarning, TwfixError
 from twfix.findings import Severity
 from twfix.watch import watch
 
@@ -388,9 +389,7 @@ def _cmd_sysctl(args: argparse.Namespace, out: TextIO) -> int:
         _write(out, str(table))
     missing = [r.name for r in table.values() if not r.available and r.error is None]
     if names is not None and missing:
-        close = sysctl.close_match(missing[0])
-        hint = f" (did you mean {close}?)" if close else ""
-        raise LookupError(f"{', '.join(missing)} does not exist on this kernel{hint}")
+        raise LookupError("; ".join(sysctl.why_absent(name) for name in missing))
     return 0
 
 
@@ -500,8 +499,15 @@ def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         parser.print_help(err)
         return 2
     try:
-        status = _COMMANDS[args.command](args, out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KernelCannotTellWarning)
+            status = _COMMANDS[args.command](args, out)
         out.flush()
+        for w in caught:  # the kernel's limits become notes on stderr; any other warning is shown as usual
+            if not issubclass(w.category, KernelCannotTellWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for note in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, KernelCannotTellWarning)):
+            err.write(f"twfix {args.command}: note: {printable(note)}\n")
         return status
     except BrokenPipeError:
         raise

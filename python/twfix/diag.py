@@ -9,14 +9,16 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from twfix import _twfix, kernel, sysctl
+from twfix import _twfix, features, kernel, sysctl
 from twfix._args import check_count, check_kind, check_port, namespace_path
 from twfix._html import SEVERITY_COLOURS, Cell, table
 from twfix._text import printable
+from twfix.errors import KernelCannotTellWarning
 from twfix.kernel import PortRange
 
 __all__ = [
@@ -70,6 +72,11 @@ _BY_NUMBER: Final = {i: s for s, i in _NUMBER.items()}
 _ALL_STATES: Final = 0xFFFFFFFF
 # Whole-table walks leave bound-only sockets out (see kernel.WALK_STATES).
 _WALK_STATES: Final = kernel.WALK_STATES
+_BOUND_ONLY: Final = kernel.BOUND_ONLY_STATES
+BOUND_ONLY_UNSEEN: Final = (
+    "this kernel's socket dump does not report TCP sockets that are bound but neither listening nor connected "
+    "(sock_diag's BOUND_INACTIVE, Linux 6.8 and later): any such socket is missing from this answer"
+)
 # ss's spellings (UNCONN: an unconnected UDP socket, which the kernel calls CLOSE): names a filter accepts
 # besides twfix's own.
 _ALIASES: Final = {ss.upper(): name for name, _number, ss in kernel.TCP_STATES if ss.upper() != name}
@@ -204,6 +211,8 @@ def sockets(
     want = None if port is None else check_port(port)
     if states is None and want is None and proto == "tcp":
         mask = _WALK_STATES
+    elif proto == "tcp" and states is not None and mask & _BOUND_ONLY and not features.bound_inactive():
+        warnings.warn(KernelCannotTellWarning(BOUND_ONLY_UNSEEN), stacklevel=2)
     return SocketList(_dump(proto, family, mask, want, source, namespace_path(netns, pid)))
 
 

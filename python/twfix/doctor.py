@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from twfix import diag, kernel, owners, sysctl, sysctl_conf
+from twfix import diag, features, kernel, owners, sysctl, sysctl_conf
 from twfix._args import namespace_path
 from twfix.findings import Finding, Report, Severity, short
 from twfix.observation import Observation
@@ -380,7 +380,18 @@ def _check_config(host: Observation, path: Path, text: str) -> Iterator[Finding]
         if spec is None:
             if key == "net.ipv4.tcp_max_tw_buckets" and sysctl.is_int_text(value):
                 current_default = host.default("net.ipv4.tcp_max_tw_buckets")
-                if isinstance(current_default, int) and int(value) < current_default:
+                if current_default is None:
+                    yield Finding(
+                        "CONF-TW-BUCKETS-SET",
+                        Severity.INFO,
+                        f"{path}:{n} sets tcp_max_tw_buckets to {value}; its default here (half the established "
+                        "hash) cannot be read",
+                        {"file": str(path), "line": n, "text": raw.strip()},
+                        "run twfix doctor as root to compare with the default (this kernel shows the hash size "
+                        "only in a new network namespace); never lower it to get rid of TIME-WAIT",
+                        _TW_FACT,
+                    )
+                elif isinstance(current_default, int) and int(value) < current_default:
                     yield Finding(
                         "CONF-TW-BUCKETS-LOWERED",
                         Severity.WARNING,
@@ -483,4 +494,4 @@ def doctor(
                 Finding("RULE-FAILED", Severity.INFO, f"{rule.__name__.strip('_')} could not run: {exc}", {})
             )
     findings.sort(key=lambda f: -f.severity.rank)
-    return Report(tuple(findings), release, sys.platform)
+    return Report(tuple(findings), release, sys.platform, tuple(features.features()))

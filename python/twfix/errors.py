@@ -13,11 +13,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from twfix.explanation import Explanation
 
-__all__ = ["AddressInUseError", "TwfixError", "UnsupportedPlatformError"]
+__all__ = ["AddressInUseError", "KernelCannotTellWarning", "TwfixError", "UnsupportedPlatformError"]
 
 
 class TwfixError(Exception):
     """Root of the exceptions raised by twfix itself."""
+
+
+class KernelCannotTellWarning(UserWarning):
+    """The running kernel cannot show part of what was asked (bound-only sockets before Linux 6.8, say):
+    the answer leaves that part out, and this warning says which part and why."""
 
 
 class UnsupportedPlatformError(TwfixError, NotImplementedError):

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from twfix._html import SEVERITY_COLOURS, table
 from twfix._text import printable
+from twfix.features import Feature
 
 __all__ = ["Change", "Finding", "Report", "Severity", "short"]
 
@@ -76,6 +77,7 @@ class Report:
     findings: tuple[Finding, ...]
     kernel: str = ""
     platform: str = ""
+    features: tuple[Feature, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -100,6 +102,7 @@ class Report:
             "kernel": self.kernel,
             "platform": self.platform,
             "findings": [f.to_dict() for f in self.findings],
+            "kernel_features": [f.to_dict() for f in self.features],
         }
 
     def to_json(self) -> str:
@@ -121,6 +124,9 @@ class Report:
                 lines.append(f"        advice: {printable(f.advice)}")
             if f.fact:
                 lines.append(f"        because: {f.fact}")
+        if self.features:
+            lines.append("kernel features used:")
+            lines.extend(f"        {feature}" for feature in self.features)
         lines.append("verdict: " + ("ok" if self.ok else f"problems found (worst: {self.worst})"))
         return "\n".join(lines)
 

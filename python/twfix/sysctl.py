@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from twfix import _catalogue, _twfix
+from twfix import _catalogue, _twfix, features
 from twfix._args import namespace_path
 from twfix._html import table
 from twfix._text import printable
@@ -39,6 +39,7 @@ __all__ = [
     "read",
     "render",
     "validate",
+    "why_absent",
 ]
 
 Value = int | str | tuple[int, ...] | list[tuple[int, int]]
@@ -216,6 +217,11 @@ def _default(knob: _catalogue.Knob, ehash: int | None) -> tuple[Value | None, st
     return knob.default, ""
 
 
+def _derived(name: str) -> bool:
+    knob = _catalogue.CATALOGUE.get(name)
+    return knob is not None and isinstance(knob.default, str) and "ehash" in knob.default
+
+
 def read(
     names: Iterable[str] | None = None,
     *,
@@ -230,8 +236,10 @@ def read(
         if not isinstance(n, str):
             raise TypeError(f"sysctl name must be a str, not {type(n).__name__}")
     knobs = _twfix.read_sysctls([*wanted, _EHASH], namespace_path(netns, pid))
-    ehash_raw = knobs[-1][1]
+    ehash_raw, ehash_error = knobs[-1][1], knobs[-1][2]
     ehash = int(ehash_raw) if ehash_raw and is_int_text(ehash_raw) else None
+    if ehash_raw is None and ehash_error is None and any(_derived(n) for n, _r, _e in knobs[:-1]):
+        ehash = features.established_hash()[0]  # before 6.1 one hash, shared by all, and no file shows it
     rows = []
     for name, raw, error in knobs[:-1]:
         knob = _catalogue.CATALOGUE.get(name) or _catalogue.Knob("", None, "", "", "", True, "", "")
@@ -270,9 +278,19 @@ def full_name(name: str) -> str:
 
 
 def close_match(name: str) -> str | None:
-    """The catalogue knob closest to ``name`` (for "did you mean"), or None."""
-    close = difflib.get_close_matches(name, list(_catalogue.CATALOGUE), n=1)
+    """The catalogue knob closest to ``name`` that this kernel has (for "did you mean"), or None."""
+    present = [key for key, raw, _error in _twfix.read_sysctls(list(_catalogue.CATALOGUE)) if raw is not None]
+    close = difflib.get_close_matches(name, present, n=1)
     return close[0] if close and close[0] != name else None
+
+
+def why_absent(name: str) -> str:
+    """Why the knob ``name`` is not on this kernel: a catalogue knob's history (added in, removed in,
+    host-only), or a "did you mean" naming only a knob the kernel has."""
+    if name in _catalogue.CATALOGUE:
+        return str(_missing(name))
+    close = close_match(name)
+    return f"{name} does not exist on this kernel" + (f" (did you mean {close}?)" if close else "")
 
 
 def validate(name: str, value: object) -> str:

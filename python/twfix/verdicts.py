@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Final
 
-from twfix import kernel, netns, sysctl
+from twfix import features, kernel, netns, sysctl
 from twfix.diag import SocketEntry, TcpState, format_endpoint, sockets
 from twfix.explanation import Explanation, Holder, NamespaceHolder, process_list
 from twfix.kernel import PortRange
@@ -443,6 +443,12 @@ def connections(f: Facts) -> Explanation:
 
 def unseen(f: Facts, elsewhere: bool) -> Explanation:
     reasons = ["the socket table shows nothing on this port in this network namespace"]
+    if f.kind == "tcp" and not features.bound_inactive():
+        reasons.append(
+            "this kernel's socket dump cannot show a TCP socket that is bound but neither listening nor connected "
+            "(sock_diag reports those from Linux 6.8): a process that bound the port and then neither called "
+            "listen() nor connect() is the likely holder"
+        )
     return build(
         f,
         "unknown",
