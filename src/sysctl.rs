@@ -134,9 +134,8 @@ pub fn read_many(names: Vec<String>, netns: Option<String>) -> Result<Vec<Result
 #[pyfunction]
 pub fn fresh_netns_sysctls(py: Python<'_>, names: Vec<String>) -> PyResult<Vec<(String, Option<String>)>> {
     let keys = names.iter().map(|n| key(n)).collect::<Result<Vec<_>>>()?;
-    let values = py.detach(|| {
-        crate::netns::run_fresh(move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>())
-    })?;
+    let values =
+        py.detach(|| crate::netns::run_fresh(move || names.iter().map(|n| read_one(n)).collect::<Result<Vec<_>>>()))?;
     Ok(keys.into_iter().zip(values).collect())
 }
 

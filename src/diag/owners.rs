@@ -40,6 +40,29 @@ struct Candidate {
     fds: u64,
 }
 
+/// Whether the kernel reports a process's open descriptors as the size of /proc/PID/fd (Linux 6.2+);
+/// probed once on our own, which always has some open.
+fn fd_size_reported() -> bool {
+    static REPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REPORTED.get_or_init(|| std::fs::metadata("/proc/self/fd").is_ok_and(|m| m.len() > 0))
+}
+
+/// How many descriptors the process at `proc_pid` (a /proc/PID path) holds: the size of its fd directory
+/// where the kernel reports it, else its descriptor table size (`FDSize` in its status, at least the
+/// highest open descriptor + 1: a big process has a big table). 0 when neither can be read.
+fn descriptor_count(proc_pid: &std::path::Path) -> u64 {
+    if fd_size_reported() {
+        return std::fs::metadata(proc_pid.join("fd")).map_or(0, |m| m.len());
+    }
+    std::fs::read(proc_pid.join("status")).ok().and_then(|status| fd_table_size(&status)).unwrap_or(0)
+}
+
+/// The `FDSize:` value of a /proc/PID/status text.
+pub fn fd_table_size(status: &[u8]) -> Option<u64> {
+    let line = status.split(|&b| b == b'\n').find_map(|l| l.strip_prefix(b"FDSize:"))?;
+    std::str::from_utf8(line).ok()?.trim().parse().ok()
+}
+
 /// Processes holding more descriptors than this are searched last, and only while an owner is missing:
 /// a proxy or a database with 100,000 connections would otherwise cost every search 100 ms and more.
 pub const BIG_PROCESS_FDS: u64 = 4096;
@@ -67,7 +90,7 @@ pub fn owners(inodes: &[u64], netns: Option<u64>) -> Result<OwnerScan> {
         };
         let path = entry.path();
         let ns = std::fs::metadata(path.join("ns/net")).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        let fds = std::fs::metadata(path.join("fd")).map_or(0, |m| m.len());
+        let fds = descriptor_count(&path);
         let c = Candidate { pid, netns: ns, fds };
         if (netns.is_none() || ns.is_none() || ns == netns) && fds <= BIG_PROCESS_FDS {
             near.push(c);
@@ -163,6 +186,15 @@ pub fn reuse_flags(pid: u32, fd: u32, inode: u64) -> Result<(bool, bool)> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn reads_the_descriptor_table_size_from_a_status_text() {
+        assert_eq!(fd_table_size(b"Name:\tpython\nFDSize:\t8192\nGroups:\n"), Some(8192));
+        assert_eq!(fd_table_size(b"Name:\tx\n"), None);
+        assert_eq!(fd_table_size(b"FDSize:\tlots\n"), None);
+        let own = std::fs::read("/proc/self/status").expect("own status");
+        assert!(fd_table_size(&own).is_some_and(|n| n >= 3));
+    }
 
     #[test]
     fn reads_the_reuse_flags_of_a_held_socket() {
