@@ -132,7 +132,8 @@ def test_orphans_with_dropped_acks_get_the_kernels_rule_not_a_number(netns: NetN
             time.sleep(1.5)
             (entry,) = twfix.sockets(states=["FIN_WAIT1"], port=port)
             witness = ss("-oe", "state", "fin-wait-1", "sport", "=", f":{port}")
-            found = re.search(r"timer:\(on,[^,]+,(\d+)\)", witness)
+            # ss leaves the time empty once the timer is overdue (a slow or emulated host): only the count matters
+            found = re.search(r"timer:\(on,[^,]*,(\d+)\)", witness)
             assert found, witness
             assert abs(entry.retrans - int(found.group(1))) <= 1  # ss -e: the same retransmission count
             why = twfix.explain(port, "127.0.0.1")
