@@ -4,6 +4,7 @@ Every answer must say what the kernel cannot show, never give a wrong verdict, n
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -107,3 +108,20 @@ def test_an_absent_knob_is_explained_and_never_suggests_another_absent_one(monke
     else:  # before 6.1: absent, and said with its history (5.10 in .ci/kernels)
         assert code == 1
         assert "added in 6.1" in err
+
+
+def test_without_pidfd_getfd_a_udp_holders_options_are_unknown_and_said_why(
+    netns: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twfix import _twfix
+
+    def enosys(*_args: object) -> tuple[bool, bool]:
+        raise OSError(errno.ENOSYS, "pidfd_getfd: Function not implemented")
+
+    monkeypatch.setattr(features, "pidfd_getfd", lambda: False)
+    monkeypatch.setattr(_twfix, "socket_reuse_flags", enosys)  # as before 5.6
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        why = twfix.explain(held.getsockname()[1], "127.0.0.1", kind="udp")
+    assert not why.can_bind
+    assert any("pidfd_getfd, Linux 5.6+" in r for r in why.reasons), why.reasons

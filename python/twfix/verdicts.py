@@ -192,9 +192,14 @@ def listener(f: Facts) -> Explanation:
         advice.append("pass reuse_port=True only if you really want both to share the port (SO_REUSEPORT)")
     else:
         if f.reuse is None:
+            why = (
+                "this kernel does not let twfix duplicate another process's socket (pidfd_getfd, Linux 5.6+)"
+                if not features.pidfd_getfd()
+                else "its process is not inspectable"
+            )
             reasons.append(
-                f"whether the holder set {opt} could not be read (its process is not inspectable), and twfix "
-                "never probes by joining a live UDP socket's SO_REUSEPORT group (a member takes its datagrams)"
+                f"whether the holder set {opt} could not be read ({why}), and twfix never probes by joining a "
+                "live UDP socket's SO_REUSEPORT group (a member takes its datagrams)"
             )
         advice.append("stop the process holding the port, or choose another port")
     return build(
