@@ -159,12 +159,19 @@ def test_who_lists_processes_first_and_counts_kernel_sockets(netns: NetNS) -> No
     port = srv.getsockname()[1]
     with srv:
         time_wait_pairs(srv, 300, server_closes=True)
-        code, out, _ = run("who", str(port))
+        code, out, _ = run("who", str(port), "--connections")
+        fast = run("who", str(port))
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith(f"pid {os.getpid()} ")  # the process first
     assert len(lines) < 10  # 300 TIME-WAITs collapsed into counts
     assert any("300 TIME_WAIT" in line and "peer 127.0.0.1" in line and "s left" in line for line in lines)
+    # Without --connections the listener answers: its process, and a line saying what was not looked for.
+    code, out, _ = fast
+    assert code == 0
+    assert out.startswith(f"pid {os.getpid()} ")
+    assert "TIME_WAIT" not in out.replace("TIME-WAIT on this port not looked for", "")
+    assert "--connections" in out
     code, out, _ = run("who", str(port), "--all")
     assert out.count("TIME_WAIT") == 300
     code, out, _ = run("who", "1")

@@ -196,6 +196,56 @@ def test_who_holds_time_wait_has_no_owner(netns: NetNS) -> None:
     assert "TIME-WAIT belongs to the kernel" in str(found)
 
 
+def test_who_holds_a_listening_port_answers_with_the_listener(netns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port with a listener: its listener and every process holding it (a forked worker too), without a
+    walk of the whole table; connections=True adds the connections and TIME-WAIT, as ss counts them."""
+    from tests.conftest import settle
+
+    code = (
+        "import os,socket,sys\ns=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(s.getsockname())\n"
+        "a,_=s.accept()\npid=os.fork()\nif pid: print(s.getsockname()[1],pid,flush=True)\nsys.stdin.readline()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port, worker = map(int, child.stdout.readline().split())
+        with socket.create_connection(("127.0.0.1", port)) as mine:  # a connection of this process
+            mine.getsockname()
+            quick = twfix.who_holds(port)
+            full = twfix.who_holds(port, connections=True)
+            witness = ss("-t", "-a", f"sport = :{port}")
+        assert [h.state for h in quick.holders] == [TcpState.LISTEN]
+        assert {p.pid for p in quick.holders[0].processes} == {child.pid, worker}
+        assert not quick.complete
+        assert quick.unlisted is not None
+        assert "connections=True" in quick.unlisted
+        assert "connections=True" in str(quick)
+        assert json.loads(quick.to_json())["complete"] is False
+        assert full.complete
+        assert full.unlisted is None
+        assert sorted(str(h.state) for h in full.holders) == sorted(state for state, _ in witness)
+        # Structural: the quick answer never asks for the established hash (the whole table).
+        monkeypatch.setattr(twfix.owners, "sockets", lambda *a, **k: pytest.fail("walked the whole table"))
+        assert twfix.who_holds(port).holders[0].state == TcpState.LISTEN
+        assert twfix.who_holds(port, "tcp4").holders[0].state == TcpState.LISTEN
+    finally:
+        child.communicate("done\n", timeout=30)
+    settle(port)
+
+
+def test_who_holds_a_port_without_listener_lists_everything(netns: NetNS) -> None:
+    srv = twfix.reusable_tcp_server(0, "127.0.0.1")
+    port = srv.getsockname()[1]
+    with srv:
+        time_wait_pairs(srv, 3, server_closes=True)
+    found = twfix.who_holds(port)  # the listener is gone: the TIME-WAIT it left is what holds the port
+    assert found.complete
+    assert [h.state for h in found.holders] == [TcpState.TIME_WAIT] * 3
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", 0))
+        assert twfix.who_holds(u.getsockname()[1], "udp").complete
+
+
 def test_ephemeral_usage_arithmetic(netns: NetNS) -> None:
     server = twfix.reusable_tcp_server(5000, "127.0.0.1")
     netns.write_sysctl("net.ipv4.ip_local_port_range", "40000 40009")
@@ -249,6 +299,8 @@ BAD = [
     (lambda: twfix.summary("tcp4"), ValueError, "both families"),
     (lambda: twfix.who_holds(70000), ValueError, "port"),
     (lambda: twfix.who_holds("80"), TypeError, "port"),  # type: ignore[arg-type]
+    (lambda: twfix.who_holds(80, "sctp"), ValueError, "kind"),
+    (lambda: twfix.who_holds(80, connections="yes"), TypeError, "connections"),  # type: ignore[arg-type]
     (lambda: twfix.explain(80, kind="sctp"), ValueError, "kind"),
     (lambda: twfix.summary(top=2**64), None, ""),  # clamped, not an OverflowError
     (lambda: _twfix.snapshot("icmp", 0xF7F, 1, b"", False), ValueError, "protocol"),

@@ -72,7 +72,7 @@ def test_long_tables_are_cut(netns: NetNS) -> None:
     with server:
         time_wait_pairs(server, 300, server_closes=True)
         port = server.getsockname()[1]
-        page = twfix.who_holds(port)._repr_html_()
+        page = twfix.who_holds(port, connections=True)._repr_html_()
         listing = twfix.sockets(port=port)
     # who_holds groups the kernel's sockets as the CLI does: the listener, then one row for 300 TIME-WAITs.
     assert page.count("<tr>") < 6

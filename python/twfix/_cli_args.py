@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("who", help="who holds a port: processes first, kernel-owned sockets counted")
     p.add_argument("port", type=port_arg)
     p.add_argument("--udp", action="store_true", help="UDP instead of TCP")
-    p.add_argument("--all", action="store_true", help="list every socket, one per line")
+    p.add_argument(
+        "--connections",
+        action="store_true",
+        help="on a port with a listener, count its connections and TIME-WAIT too (walks the whole table)",
+    )
+    p.add_argument("--all", action="store_true", help="list every socket, one per line (implies --connections)")
     p.add_argument("--json", action="store_true")
     _namespace_options(p)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from twfix import _twfix, kernel
-from twfix._args import check_port, namespace_path
+from twfix._args import check_kind, check_port, namespace_path
 from twfix._html import table
 from twfix._text import printable
-from twfix.diag import Addr, SocketEntry, TcpState, format_endpoint, sockets
+from twfix.diag import Addr, SocketEntry, TcpState, format_endpoint, port_entries, sockets
 from twfix.kernel import PortRange
 
 __all__ = ["Holders", "PortHolder", "Process", "chosen_by_kernel", "holders_of", "owners_of", "who_holds"]
@@ -89,13 +89,26 @@ class PortHolder(NamedTuple):
 
 @dataclass(frozen=True)
 class Holders:
-    """Answer of :func:`who_holds`: the holders and a note on what could not be seen."""
+    """Answer of :func:`who_holds`: the holders and a note on what could not be seen. ``complete`` is
+    False when only the port's listeners were looked for (its connections and TIME-WAIT were not);
+    ``unlisted`` then says so in words."""
 
     port: int
     kind: str
     holders: tuple[PortHolder, ...]
     denied: int = 0
     note: str | None = None
+    complete: bool = True
+
+    @property
+    def unlisted(self) -> str | None:
+        """What was not looked for, or None when every socket on the port is listed."""
+        if self.complete:
+            return None
+        return (
+            "only the listener(s) were looked for, not the port's connections, TIME-WAIT or bound-only sockets "
+            "(listing them walks the whole table: who_holds(port, connections=True))"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +117,7 @@ class Holders:
             "holders": [h.to_dict() for h in self.holders],
             "denied": self.denied,
             "note": self.note,
+            "complete": self.complete,
         }
 
     def to_json(self) -> str:
@@ -144,7 +158,8 @@ class Holders:
             (state, f"port {self.port}", f"{printable(peer)} ({n} sockets)", "", "(the kernel)", "")
             for state, peer, n in self.kernel_owned()
         ]
-        caption = f"{self.kind} port {self.port}" + (f" ({self.note})" if self.note else "")
+        said = "; ".join(n for n in (self.note, self.unlisted) if n)
+        caption = f"{self.kind} port {self.port}" + (f" ({said})" if said else "")
         headers = ("state", "local", "remote", "pid", "program", "command")
         return table("twfix-holders", caption, headers, rows, total=len(rows))
 
@@ -157,8 +172,7 @@ class Holders:
             if h.inode != 0
         ]
         lines += [f"  {n:>7} {state:<11} peer {printable(peer)}" for state, peer, n in self.kernel_owned()]
-        if self.note:
-            lines.append(f"  note: {self.note}")
+        lines += [f"  note: {n}" for n in (self.note, self.unlisted) if n]
         printer.text("\n".join(lines))
 
     def __str__(self) -> str:
@@ -174,8 +188,7 @@ class Holders:
             else:
                 who = f"uid {h.uid}, process not visible"
             lines.append(f"  {h.state:<12} {h.laddr}{peer}  {who}")
-        if self.note:
-            lines.append(f"  note: {self.note}")
+        lines += [f"  note: {n}" for n in (self.note, self.unlisted) if n]
         return "\n".join(lines)
 
     def describe_processes(self) -> str:
@@ -201,17 +214,44 @@ def _process(pid: int) -> Process:
 
 
 def who_holds(
-    port: int, kind: str = "tcp", *, netns: str | os.PathLike[str] | None = None, pid: int | None = None
+    port: int,
+    kind: str = "tcp",
+    *,
+    netns: str | os.PathLike[str] | None = None,
+    pid: int | None = None,
+    connections: bool = False,
 ) -> Holders:
     """The sockets bound to ``port`` with their owning processes (pid, name, command line, uid, state).
 
-    Maps socket inodes to every process holding them by reading /proc/PID/fd. Without root, other
-    users' processes cannot be inspected: their sockets are listed without an owner and ``note`` says so.
+    A TCP port with a listener is answered by its listeners and every process holding them: a listen-only
+    dump, which the kernel answers without walking the established hash, so the cost does not grow with
+    the table. The port's connections, TIME-WAIT and bound-only sockets are then not looked for
+    (``complete`` is False and ``unlisted`` says so); ``connections=True`` lists them too, at the cost of one
+    walk of the whole table (the kernel has no index by local port). A port without a listener, and UDP,
+    always get every socket.
+
+    Maps socket inodes to every process holding them by reading /proc/PID/fd, the processes of the
+    port's network namespace first. Without root, other users' processes cannot be inspected: their
+    sockets are listed without an owner and ``note`` says so.
     """
     port = check_port(port)
+    check_kind(kind, tuple(kernel.KINDS))
+    if not isinstance(connections, bool):
+        raise TypeError(f"connections must be True or False, not {type(connections).__name__}")
     ns = namespace_path(netns, pid)
+    entries, complete = port_sockets(kind, port, ns, connections)
+    return holders_of(entries, port, kind, ns, complete=complete)
+
+
+def port_sockets(kind: str, port: int, ns: str | None, connections: bool) -> tuple[list[SocketEntry], bool]:
+    """The sockets :func:`who_holds` answers with, and whether they are all of the port's."""
+    proto, family = kernel.KINDS[kind]
+    if proto == "tcp" and not connections:
+        listening = [e for e in port_entries(proto, port, [TcpState.LISTEN], ns) if family in (None, e.family)]
+        if listening:
+            return listening, False
     # A question about one port: every state, bound-only sockets included.
-    return holders_of(list(sockets(kind, port=port, netns=ns)), port, kind, ns)
+    return list(sockets(kind, port=port, netns=ns)), True
 
 
 def owners_of(inodes: Iterable[int], ns: str | None = None) -> tuple[dict[int, tuple[Process, ...]], int]:
@@ -249,8 +289,11 @@ def chosen_by_kernel(ports: PortRange, port: int, processes: Iterable[Process]) 
     return not any(pattern.search(arg) for p in processes for arg in p.cmdline)
 
 
-def holders_of(entries: list[SocketEntry], port: int, kind: str, ns: str | None = None) -> Holders:
-    """Attach owning processes to socket entries (shared by who_holds and the conflict explanation)."""
+def holders_of(
+    entries: list[SocketEntry], port: int, kind: str, ns: str | None = None, *, complete: bool = True
+) -> Holders:
+    """Attach owning processes to socket entries (shared by who_holds and the conflict explanation).
+    ``complete``: False when ``entries`` are the port's listeners only."""
     owners, denied, skipped, skipped_fds = _owners((e.inode for e in entries), ns)
     holders = []
     for e in entries:
@@ -289,4 +332,4 @@ def holders_of(entries: list[SocketEntry], port: int, kind: str, ns: str | None 
             "were not searched once every socket had an owner: other holders of a shared socket among them "
             "are not listed"
         )
-    return Holders(port, kind, tuple(holders), denied, note)
+    return Holders(port, kind, tuple(holders), denied, note, complete)

@@ -269,7 +269,7 @@ fn receive(sock: &Socket, seq: u32, mut on_datagram: impl FnMut(&mut Vec<u8>, u3
     let mut buf: Vec<u8> = Vec::new();
     loop {
         if buf.capacity() < RECV_BUF {
-            buf = Vec::with_capacity(RECV_BUF); // the previous one was handed on
+            buf = Vec::with_capacity(RECV_BUF); // first datagram, or a callback that took the buffer
         }
         buf.clear();
         let spare: &mut [MaybeUninit<u8>] = &mut buf.spare_capacity_mut()[..RECV_BUF];

@@ -1,35 +1,18 @@
-//! Running the dumps: which requests, on which thread, and how records reach the consumer.
+//! Running the dumps: which requests, and how records reach the consumer.
 //!
 //! Every sock_diag dump walks the whole established hash (shared by both families) and the walk, not
 //! the copy, dominates its cost. So TCP uses the one request that covers both families in a single
-//! walk; where the kernel refuses it, and for UDP, one dump per family runs. Each dump runs on a
-//! producer thread while the calling thread decodes and aggregates; when no thread can be created
-//! (a pids limit), the dumps run in the calling thread instead, one after the other.
+//! walk; where the kernel refuses it, and for UDP, one dump per family runs. Each datagram is decoded
+//! and aggregated as soon as it is received, in the calling thread. A producer thread that received
+//! while this one decoded saved 1-2 % of wall time on an idle machine but cost 6-8 % more CPU
+//! (hand-offs, wake-ups, every header walked twice): on a host whose cores are busy that is all loss
+//! (benches/bench_floor.py, 180,000 sockets: 1.10x the floor in wall and CPU inline, against 1.10x wall and
+//! 1.15-1.19x CPU threaded).
 
-use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-
-use super::netlink::{self, BOTH, Batch};
+use super::netlink::{self, BOTH};
 use super::{FAMILIES, Proto, Query, Record, Source, procnet};
 use crate::errors::{Error, Result};
 
-/// What a producer hands to the consumer: raw netlink datagrams, or parsed /proc records.
-enum Chunk {
-    /// Several datagrams at a time: each hand-off wakes the consumer, so fewer are cheaper.
-    Netlink {
-        seq: u32,
-        data: Vec<Vec<u8>>,
-    },
-    Records(Vec<Record>),
-}
-
-/// Chunks in flight between the kernel-facing threads and the consumer: bounds memory (a few
-/// datagrams of at most 32 KiB each) whatever the size of the table.
-const CHANNEL_DEPTH: usize = 4;
-/// Datagrams (at most 32 KiB each) per hand-off.
-const DATAGRAMS_PER_CHUNK: usize = 8;
-/// /proc records per hand-off.
-const RECORDS_PER_CHUNK: usize = 2048;
 /// How often a dump the kernel flagged as interrupted (NLM_F_DUMP_INTR) is taken again.
 const RETRIES: usize = 3;
 
@@ -46,102 +29,40 @@ fn netlink_refused(e: &Error) -> bool {
             .contains(errno))
 }
 
-/// Produce one family's chunks into `sink` (false from `sink`: the consumer stopped). Netlink
-/// datagrams are checked before they are handed on, so a refusal is seen before anything reached
-/// the consumer and can fall back to /proc.
-/// Emptied datagram buffers, handed back by the consumer so that the producer receives into them
-/// again: a fresh 64 KiB buffer per datagram, freed on the other thread, cost more CPU than decoding.
-#[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
-
-/// Buffers kept for reuse: the chunks in flight, and one being filled.
-const POOL_LIMIT: usize = (CHANNEL_DEPTH + 2) * DATAGRAMS_PER_CHUNK;
-
-impl Pool {
-    fn take(&self) -> Vec<u8> {
-        self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default()
-    }
-
-    fn give(&self, buffers: Vec<Vec<u8>>) {
-        if let Ok(mut v) = self.0.lock() {
-            for mut b in buffers {
-                if v.len() >= POOL_LIMIT {
-                    break;
-                }
-                b.clear();
-                v.push(b);
+/// One netlink dump of `family` (or `BOTH`), each wanted record through `each`. `delivered` tells
+/// the caller whether a refusal came before any record (only then may another source stand in).
+fn from_netlink(family: u8, q: &Query, delivered: &mut bool, each: &mut dyn FnMut(&Record)) -> Result<Outcome> {
+    let mut outcome = Outcome::default();
+    netlink::recv_loop(family, q, |data, seq| {
+        let batch = netlink::walk_messages(data, seq, |payload| {
+            let mut rec = netlink::decode_diag_msg(payload)?;
+            q.normalise(&mut rec);
+            *delivered = true;
+            if q.wants(&rec) {
+                each(&rec);
             }
-        }
-    }
+            Ok(())
+        })?;
+        outcome.interrupted |= batch.interrupted;
+        Ok(batch)
+    })?;
+    Ok(outcome)
 }
 
-fn produce(family: u8, q: &Query, pool: &Pool, sink: &mut dyn FnMut(Chunk) -> bool) -> Result<Outcome> {
-    let from_proc = |sink: &mut dyn FnMut(Chunk) -> bool| -> Result<Outcome> {
-        let mut records = Vec::with_capacity(RECORDS_PER_CHUNK);
-        let mut open = true;
-        procnet::dump(family, q, |r| {
-            if !open {
-                return;
-            }
-            records.push(r);
-            if records.len() == RECORDS_PER_CHUNK {
-                open = sink(Chunk::Records(std::mem::replace(&mut records, Vec::with_capacity(RECORDS_PER_CHUNK))));
-            }
-        })?;
-        if open && !records.is_empty() {
-            sink(Chunk::Records(records));
-        }
+/// One family's dump from the source `q` names; `Auto` reads /proc where netlink is refused.
+fn dump_family(family: u8, q: &Query, each: &mut dyn FnMut(&Record)) -> Result<Outcome> {
+    let from_proc = |each: &mut dyn FnMut(&Record)| -> Result<Outcome> {
+        procnet::dump(family, q, |r| each(&r))?;
         Ok(Outcome::default())
     };
-    let from_netlink = |sink: &mut dyn FnMut(Chunk) -> bool| -> Result<Outcome> {
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut outcome = Outcome::default();
-        netlink::recv_loop(family, q, |data, seq| {
-            let batch = netlink::walk_messages(data, seq, |_| Ok(()))?;
-            outcome.interrupted |= batch.interrupted;
-            pending.push(std::mem::replace(data, pool.take()));
-            if (pending.len() >= DATAGRAMS_PER_CHUNK || batch.done)
-                && !sink(Chunk::Netlink { seq, data: std::mem::take(&mut pending) })
-            {
-                return Ok(Batch { done: true, ..batch });
-            }
-            Ok(batch)
-        })?;
-        Ok(outcome)
-    };
+    let mut delivered = false;
     match q.source {
-        _ if family == BOTH => from_netlink(sink), // its caller falls back to per-family dumps
-        Source::Proc => from_proc(sink),
-        Source::Netlink => from_netlink(sink),
-        Source::Auto => match from_netlink(sink) {
-            Err(e) if netlink_refused(&e) => from_proc(sink),
+        Source::Proc => from_proc(each),
+        Source::Netlink => from_netlink(family, q, &mut delivered, each),
+        Source::Auto => match from_netlink(family, q, &mut delivered, each) {
+            Err(e) if !delivered && netlink_refused(&e) => from_proc(each),
             other => other,
         },
-    }
-}
-
-/// Decode a chunk into `each`.
-fn consume(chunk: Chunk, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) -> Result<()> {
-    match chunk {
-        Chunk::Netlink { seq, data } => {
-            let done = data.iter().try_for_each(|datagram| {
-                netlink::walk_messages(datagram, seq, |payload| {
-                    let mut rec = netlink::decode_diag_msg(payload)?;
-                    q.normalise(&mut rec);
-                    if q.wants(&rec) {
-                        each(&rec);
-                    }
-                    Ok(())
-                })
-                .map(|_| ())
-            });
-            pool.give(data);
-            done
-        }
-        Chunk::Records(records) => {
-            records.iter().for_each(each);
-            Ok(())
-        }
     }
 }
 
@@ -149,11 +70,7 @@ fn consume(chunk: Chunk, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) 
 pub fn stream(q: &Query, mut each: impl FnMut(&Record)) -> Result<Outcome> {
     if q.proto == Proto::Tcp && q.source != Source::Proc {
         let mut delivered = false;
-        let one_walk = stream_families(&[BOTH], q, &mut |r| {
-            delivered = true;
-            each(r);
-        });
-        match one_walk {
+        match from_netlink(BOTH, q, &mut delivered, &mut each) {
             Err(Error::Os { .. }) if !delivered => {} // not offered by this kernel: per-family dumps
             other => return other,
         }
@@ -175,55 +92,15 @@ pub fn collect<T>(q: &Query, init: impl Fn() -> T, add: impl Fn(&mut T, &Record)
     }
 }
 
-/// Dump `families`, each on a producer thread while this thread decodes; families whose thread could
-/// not be created are dumped here afterwards.
+/// Dump `families` one after the other (`BOTH` only over netlink).
 fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) -> Result<Outcome> {
-    let (tx, rx) = sync_channel::<Chunk>(CHANNEL_DEPTH);
     let mut outcome = Outcome::default();
-    let pool = &Pool::default();
-    std::thread::scope(|scope| -> Result<()> {
-        let mut producers = Vec::new();
-        let mut inline = Vec::new();
-        for &family in families {
-            let tx: SyncSender<Chunk> = tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name("twfix-dump".into())
-                .spawn_scoped(scope, move || produce(family, q, pool, &mut |c| tx.send(c).is_ok()));
-            match spawned {
-                Ok(handle) => producers.push(handle),
-                Err(_) => inline.push(family), // no thread to be had: dumped below, in this thread
-            }
-        }
-        drop(tx);
-        let consumed = drain(&rx, q, pool, each);
-        for p in producers {
-            let produced = p.join().unwrap_or_else(|_| Err(Error::Malformed("dump thread panicked".into())))?;
-            outcome.interrupted |= produced.interrupted;
-        }
-        consumed?;
-        for family in inline {
-            let mut result = Ok(());
-            let produced = produce(family, q, pool, &mut |chunk| {
-                result = consume(chunk, q, pool, each);
-                result.is_ok()
-            })?;
-            result?;
-            outcome.interrupted |= produced.interrupted;
-        }
-        Ok(())
-    })?;
-    Ok(outcome)
-}
-
-/// Decode every chunk until all producers are done; after an error, keep draining so none blocks.
-fn drain(rx: &Receiver<Chunk>, q: &Query, pool: &Pool, each: &mut dyn FnMut(&Record)) -> Result<()> {
-    let mut consumed = Ok(());
-    for chunk in rx {
-        if consumed.is_ok() {
-            consumed = consume(chunk, q, pool, each);
-        }
+    for &family in families {
+        let got =
+            if family == BOTH { from_netlink(family, q, &mut false, each)? } else { dump_family(family, q, each)? };
+        outcome.interrupted |= got.interrupted;
     }
-    consumed
+    Ok(outcome)
 }
 
 #[cfg(test)]
