@@ -382,3 +382,25 @@ def test_metrics_serve_on_a_busy_port_is_explained(netns: NetNS) -> None:
         assert code == 1
         assert "is in use by a live listener" in err
         assert f"pid {os.getpid()}" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["who", "80", "--connections"],
+        ["doctor", "--json", "--fail-on", "error"],
+        ["sockets", "-4", "--state", "time-wait", "--sport", "80"],
+        ["explain", "80", "--host", "127.0.0.1"],
+        ["wait", "80", "--timeout", "1", "--reuse"],
+        ["metrics", "--all-netns", "--detail", "2"],
+        ["tune", "--reserve", "all"],
+    ],
+)
+def test_a_parser_built_for_one_command_parses_as_the_whole_one(argv: list[str]) -> None:
+    from twfix import _cli_args, cli
+
+    assert set(_cli_args.COMMANDS) == set(cli._COMMANDS)
+    one = _cli_args.build_parser(argv)
+    assert list(one.subcommands) == [argv[0]]  # type: ignore[attr-defined]
+    assert one.parse_args(argv) == _cli_args.build_parser().parse_args(argv)
+    assert len(_cli_args.build_parser(["--help"]).subcommands) == len(_cli_args.COMMANDS)  # type: ignore[attr-defined]

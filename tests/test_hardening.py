@@ -268,7 +268,7 @@ print(json.dumps(out), flush=True)
 
 
 def test_no_thread_to_be_had_is_not_a_panic(netns: NetNS) -> None:
-    """A pids limit: the socket table works without its extra thread; entering a namespace is an OSError."""
+    """A pids limit: the socket table needs no thread and works; entering a namespace is an OSError."""
     base = Path("/sys/fs/cgroup/pids")
     if not (base / "cgroup.procs").exists():
         pytest.skip("no cgroup v1 pids controller at /sys/fs/cgroup/pids")

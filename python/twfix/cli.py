@@ -482,7 +482,7 @@ def _silence(out: TextIO) -> None:
 
 
 def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
-    parser = _cli_args.build_parser()
+    parser = _cli_args.build_parser(sys.argv[1:] if argv is None else argv)
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # an option the subcommand does not know: its own usage, not the top-level one
