@@ -7,10 +7,12 @@ import ctypes.util
 import fcntl
 import os
 import socket
+import statistics
 import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import twfix
 
@@ -82,6 +84,57 @@ def raw_one_walk(states: int = 0xFFF) -> int:
                 length, kind, _flags, got = struct.unpack_from("=IHHI", buf, n - 20)
                 if length == 20 and kind == _NLMSG_DONE and got == seq:
                     return received
+
+
+FLOOR = "floor: raw one walk (0xFFF)"
+
+
+class Paired(NamedTuple):
+    """Best wall and CPU seconds of a measurement, and its median ratios to the floor measured just before
+    and just after it in the same round."""
+
+    wall: float
+    cpu: float
+    wall_ratio: float
+    cpu_ratio: float
+
+
+def _clock(fn: Callable[[], object]) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def paired(
+    fns: dict[str, Callable[[], object]], rounds: int, floor: Callable[[], object] = raw_one_walk
+) -> dict[str, Paired]:
+    """Each function between two runs of the floor, round after round: its ratio is taken against the mean of
+    its two neighbours. A table of TIME-WAIT shrinks while it is measured (every socket leaves 60 s after it
+    came; at 900,000 sockets that is thousands per second), so only adjacent measurements compare."""
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
+    wall_ratios: dict[str, list[float]] = {name: [] for name in fns}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in fns}
+    floors: list[tuple[float, float]] = []
+    for _ in range(rounds):
+        before = _clock(floor)
+        floors.append(before)
+        for name, fn in fns.items():
+            wall, cpu = _clock(fn)
+            after = _clock(floor)
+            floors.append(after)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            wall_ratios[name].append(wall / ((before[0] + after[0]) / 2))
+            cpu_ratios[name].append(cpu / max((before[1] + after[1]) / 2, 1e-9))
+            before = after
+    best_floor = Paired(min(w for w, _ in floors), min(c for _, c in floors), 1.0, 1.0)
+    return {FLOOR: best_floor} | {
+        name: Paired(
+            min(walls[name]), min(cpus[name]), statistics.median(wall_ratios[name]), statistics.median(cpu_ratios[name])
+        )
+        for name in fns
+    }
 
 
 def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:

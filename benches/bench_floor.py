@@ -8,10 +8,11 @@ Run as root (it makes a private network namespace; loopback traffic only):
 
 The floor is `_setup.raw_one_walk()`: a TCPDIAG_GETSOCK dump of states 0xFFF (both families in one walk of
 the established hash), written for the benchmark, received and discarded; twfix's code cannot move it.
-Every measurement is interleaved with the floor's, round by round, on the same table; the best of the
-rounds is kept. CPU is user+system time of the whole process, every thread included; for `ss` and the
-failing constructor's neighbours see the notes printed. `--busy` runs a CPU-bound process on every other
-core, so that work overlapped with the kernel's walk is paid for.
+Every measurement runs between two runs of the floor, round by round, on the same table: its ratio is the
+median over the rounds of its time over the mean of those two (a TIME-WAIT table shrinks while it is
+measured); its milliseconds are the best of the rounds. CPU is user+system time of the whole process, every
+thread included; for `ss` and the failing constructor's neighbours see the notes printed. `--busy` runs a
+CPU-bound process on every other core, so that work overlapped with the kernel's walk is paid for.
 
 Goals: summary() <= 1.15x and doctor() <= 1.25x the floor (wall on an idle machine, CPU with --busy);
 a failing constructor on a live listener, and who_holds()/`twfix who` on a listening port, <= 0.1x the
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import twfix
-from _setup import populate, private_namespace, raw_one_walk, write_sysctl
+from _setup import FLOOR, Paired, paired, populate, private_namespace, write_sysctl
 from twfix import _twfix, cli
 
 HOLDER = """
@@ -122,7 +123,6 @@ def main() -> None:
         busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(max((os.cpu_count() or 2) - 1, 1))]
     port = listeners[0].getsockname()[1]
     fns: dict[str, Callable[[], object]] = {
-        "floor: raw one walk (0xFFF)": raw_one_walk,
         "twfix's dump (discard)": lambda: _twfix.netlink_discard("tcp", 0xF7F, True),
         "summary()": twfix.summary,
         "doctor()": twfix.doctor,
@@ -135,19 +135,25 @@ def main() -> None:
         fns["psutil.net_connections(tcp)"] = lambda: psutil.net_connections(kind="tcp")
     except ImportError:
         print("psutil is not installed: skipped (pip install psutil)")
+    quick = {
+        "failing constructor": failing_constructor(port),
+        "who_holds(port)": lambda: twfix.who_holds(port),
+        "twfix who PORT": who_cli(port),
+    }
     try:
-        results = interleaved(fns, args.repeat)
-        # The constructor is timed in rounds of its own: a table walk just before it would leave every
-        # cache cold, which no restart loop sees. Its ratio is still taken against the floor above.
-        quick = {
-            "failing constructor": failing_constructor(port),
-            "who_holds(port)": lambda: twfix.who_holds(port),
-            "twfix who PORT": who_cli(port),
-        }
-        results.update(interleaved(quick, args.repeat * 5))
+        results = paired(fns, args.repeat)
+        floor_wall, floor_cpu = results[FLOOR].wall, results[FLOOR].cpu
+
+        # The quick calls are timed in rounds of their own: a table walk just before each would leave every
+        # cache cold, which no restart loop sees. Their ratios are taken against the smallest floor above.
+        def against_floor(times: dict[str, tuple[float, float]]) -> dict[str, Paired]:
+            return {n: Paired(w, c, w / floor_wall, c / floor_cpu) for n, (w, c) in times.items()}
+
+        results.update(against_floor(interleaved(quick, args.repeat * 5)))
         crowd = neighbours(args.neighbours, args.fds)
         try:
-            results.update(interleaved({f"{name}, crowded": fn for name, fn in quick.items()}, args.repeat * 5))
+            crowded = {f"{name}, crowded": fn for name, fn in quick.items()}
+            results.update(against_floor(interleaved(crowded, args.repeat * 5)))
         finally:
             for p in crowd:
                 p.communicate("done\n", timeout=30)
@@ -155,23 +161,24 @@ def main() -> None:
         for p in busy:
             p.kill()
             p.wait()
-    floor_wall, floor_cpu = results["floor: raw one walk (0xFFF)"]
     print(f"\n{'measurement':<38} {'wall ms':>9} {'x floor':>8} {'CPU ms':>9} {'x floor':>8}")
-    for name, (wall, cpu) in results.items():
-        print(f"{name:<38} {wall * 1e3:>9.2f} {wall / floor_wall:>8.2f} {cpu * 1e3:>9.2f} {cpu / floor_cpu:>8.2f}")
+    for name, r in results.items():
+        print(f"{name:<38} {r.wall * 1e3:>9.2f} {r.wall_ratio:>8.2f} {r.cpu * 1e3:>9.2f} {r.cpu_ratio:>8.2f}")
     print(
-        f"(crowded: {args.neighbours} processes with {args.fds} descriptors in namespaces of their own and "
-        f"{args.neighbours} in this namespace under uid 65534; ss's CPU is its own process's, not counted here)"
+        f"(ms: the best of {args.repeat} rounds; x floor: the median over the rounds of the ratio to the floor run "
+        "just before and after, as the table shrinks while it is measured. Crowded: "
+        f"{args.neighbours} processes with {args.fds} descriptors in namespaces of their own and {args.neighbours} in "
+        "this namespace under uid 65534; ss's CPU is its own process's, not counted here)"
     )
     goals = [("summary()", 1.15), ("doctor()", 1.25)]
     goals += [(f"{name}{crowded}", 0.1) for name in quick for crowded in ("", ", crowded")]
-    which = 1 if args.busy else 0
     print(f"\n{'goal (' + ('CPU, busy' if args.busy else 'wall, idle') + ')':<38} {'value':>8}  goal")
     for name, goal in goals:
-        value = results[name][which] / (floor_cpu if args.busy else floor_wall)
+        value = results[name].cpu_ratio if args.busy else results[name].wall_ratio
         print(f"{name:<38} {value:>8.2f}  <= {goal}  {'ok' if value <= goal else 'MISSED'}")
     for name in quick:
-        ms = results[f"{name}, crowded"][which] * 1e3
+        r = results[f"{name}, crowded"]
+        ms = (r.cpu if args.busy else r.wall) * 1e3
         print(f"{name + ', crowded, ms':<38} {ms:>8.2f}  <= 3  {'ok' if ms <= 3 else 'MISSED'}")
     print(
         "who_holds(port, connections=True) lists the port's TIME-WAIT too: the kernel has no index by local port, "

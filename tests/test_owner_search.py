@@ -59,3 +59,38 @@ def test_an_owner_that_moved_to_another_namespace_is_found(netns: NetNS) -> None
         assert [h.pid for h in found.holders] == [moved]
         why = twfix.explain(port, "127.0.0.1")
         assert f"pid {moved}" in why.verdict
+
+
+# A root master whose forked worker drops to uid 65534 and keeps the listener (as nginx's workers do).
+PREFORK = """
+import os, socket, sys
+s = socket.create_server(("127.0.0.1", 0))
+pid = os.fork()
+if pid == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+else:
+    print(s.getsockname()[1], pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_other_users_busy_processes_wait_but_a_dropped_privilege_worker_is_found(netns: NetNS) -> None:
+    """Processes of other users than the socket's are searched first only while small: an unrelated
+    500-descriptor process of uid 65534 is left out (and said to be), a worker that inherited the
+    listener after setuid() is found."""
+    crowd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", HOLDER]
+    other = subprocess.Popen([*crowd, "500", "none", "stay"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    master = subprocess.Popen([sys.executable, "-c", PREFORK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None
+        assert master.stdout is not None
+        assert other.stdout.readline().strip() == "0"
+        port, worker = map(int, master.stdout.readline().split())
+        found = twfix.who_holds(port)
+        assert {p.pid for p in found.holders[0].processes} == {master.pid, worker}
+        assert found.note is not None
+        assert "more than 64 under another user" in found.note
+    finally:
+        other.communicate("done\n", timeout=30)
+        master.communicate("done\n", timeout=30)

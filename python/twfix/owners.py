@@ -118,6 +118,7 @@ class Holders:
             "denied": self.denied,
             "note": self.note,
             "complete": self.complete,
+            "unlisted": self.unlisted,
         }
 
     def to_json(self) -> str:
@@ -264,13 +265,17 @@ def owners_of(inodes: Iterable[int], ns: str | None = None) -> tuple[dict[int, t
     return owners, denied
 
 
-def _owners(inodes: Iterable[int], ns: str | None) -> tuple[dict[int, tuple[Process, ...]], int, int, int]:
-    """:func:`owners_of`, plus the processes of the namespace left unsearched and their descriptors."""
+def _owners(
+    inodes: Iterable[int], ns: str | None, uids: Iterable[int] = ()
+) -> tuple[dict[int, tuple[Process, ...]], int, int, int]:
+    """:func:`owners_of`, plus the processes of the namespace left unsearched and their descriptors.
+    ``uids``: the sockets' users, whose processes are searched first (other users' only up to 64
+    descriptors before every socket has an owner)."""
     try:
         inode: int | None = os.stat(ns or "/proc/thread-self/ns/net").st_ino
     except OSError:
         inode = None
-    triples, denied, skipped, skipped_fds = _twfix.socket_owners([i for i in inodes if i], inode)
+    triples, denied, skipped, skipped_fds = _twfix.socket_owners([i for i in inodes if i], inode, sorted(set(uids)))
     processes = {pid: _process(pid) for pid in sorted({pid for _inode, pid, _fd in triples})}
     held: dict[int, list[Process]] = {}
     for inode, pid, fd in triples:
@@ -294,7 +299,7 @@ def holders_of(
 ) -> Holders:
     """Attach owning processes to socket entries (shared by who_holds and the conflict explanation).
     ``complete``: False when ``entries`` are the port's listeners only."""
-    owners, denied, skipped, skipped_fds = _owners((e.inode for e in entries), ns)
+    owners, denied, skipped, skipped_fds = _owners((e.inode for e in entries), ns, (e.uid for e in entries if e.inode))
     holders = []
     for e in entries:
         procs = owners.get(e.inode, ()) if e.inode else ()
@@ -328,8 +333,8 @@ def holders_of(
         )
     elif skipped:
         note = (
-            f"{skipped} process(es) of this namespace holding more than 4096 descriptors ({skipped_fds} in all) "
-            "were not searched once every socket had an owner: other holders of a shared socket among them "
-            "are not listed"
+            f"{skipped} process(es) of this namespace holding more than 4096 descriptors, or more than 64 under "
+            f"another user than the socket's ({skipped_fds} in all), were not searched once every socket had an "
+            "owner: other holders of a shared socket among them are not listed"
         )
     return Holders(port, kind, tuple(holders), denied, note, complete)

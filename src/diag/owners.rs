@@ -67,14 +67,23 @@ pub fn fd_table_size(status: &[u8]) -> Option<u64> {
 /// a proxy or a database with 100,000 connections would otherwise cost every search 100 ms and more.
 pub const BIG_PROCESS_FDS: u64 = 4096;
 
+/// A process of another user than the sockets' creators is searched first only up to this many
+/// descriptors. Its sockets are nearly always its own; it holds one of theirs when it inherited it (a
+/// prefork server's workers after dropping privileges: few descriptors) or was passed it. Reading a
+/// descriptor's link costs about 1.5 us, so a database of another user with 2,000 descriptors in the
+/// same namespace would add 3 ms to every search (`benches/bench_floor.py`, crowded rows).
+pub const OTHER_USER_FDS: u64 = 64;
+
 /// Every (inode, pid, fd) triple for the wanted inodes (the first descriptor of that socket in that
 /// process). A socket inherited across fork() is held by every process that has it open (a prefork
 /// server's master and workers), so every ordinary process of the socket's network namespace (`netns`,
-/// an inode; None: no preference) is searched. Processes with more than `BIG_PROCESS_FDS` descriptors,
-/// and processes of other namespaces (which hold this namespace's sockets only after setns() or
-/// descriptor passing), are searched after that, fewest descriptors first, and only while a wanted
-/// socket still has no owner. Threads share their process's descriptor table, so /proc/PID covers them.
-pub fn owners(inodes: &[u64], netns: Option<u64>) -> Result<OwnerScan> {
+/// an inode; None: no preference) is searched: processes of the sockets' users (`uids`, the uid the
+/// kernel reports for each socket; empty: no preference) up to `BIG_PROCESS_FDS` descriptors, processes
+/// of other users up to `OTHER_USER_FDS`. Bigger processes, and processes of other namespaces (which hold
+/// this namespace's sockets only after setns() or descriptor passing), are searched after that, this
+/// namespace's first and fewest descriptors first, and only while a wanted socket still has no owner.
+/// Threads share their process's descriptor table, so /proc/PID covers them.
+pub fn owners(inodes: &[u64], uids: &[u32], netns: Option<u64>) -> Result<OwnerScan> {
     let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
     let mut scan = OwnerScan::default();
     if wanted.is_empty() {
@@ -90,9 +99,14 @@ pub fn owners(inodes: &[u64], netns: Option<u64>) -> Result<OwnerScan> {
         };
         let path = entry.path();
         let ns = std::fs::metadata(path.join("ns/net")).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        // /proc/PID itself belongs to the process's effective user.
+        let uid = entry.metadata().ok().map(|m| std::os::unix::fs::MetadataExt::uid(&m));
         let fds = descriptor_count(&path);
         let c = Candidate { pid, netns: ns, fds };
-        if (netns.is_none() || ns.is_none() || ns == netns) && fds <= BIG_PROCESS_FDS {
+        let here = netns.is_none() || ns.is_none() || ns == netns;
+        let limit =
+            if uids.is_empty() || uid.is_none_or(|u| uids.contains(&u)) { BIG_PROCESS_FDS } else { OTHER_USER_FDS };
+        if here && fds <= limit {
             near.push(c);
         } else {
             far.push(c);

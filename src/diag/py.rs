@@ -204,15 +204,17 @@ pub fn listeners_in(py: Python<'_>, proto: &str, port: u16, netns: Option<String
 }
 
 /// ([(inode, pid, fd)] for the processes holding each inode, number of processes that could not be read,
-/// processes of the namespace `netns` (an inode) left unsearched and their descriptors): see `owners`.
+/// processes of the namespace `netns` (an inode) left unsearched and their descriptors); `uids`: the
+/// users the sockets belong to, whose processes are searched first (empty: no preference). See `owners`.
 #[pyfunction]
-#[pyo3(signature = (inodes, netns=None))]
+#[pyo3(signature = (inodes, netns=None, uids=Vec::new()))]
 pub fn socket_owners(
     py: Python<'_>,
     inodes: Vec<u64>,
     netns: Option<u64>,
+    uids: Vec<u32>,
 ) -> PyResult<(Vec<owners::Holding>, u64, u64, u64)> {
-    let scan = py.detach(|| owners::owners(&inodes, netns))?;
+    let scan = py.detach(|| owners::owners(&inodes, &uids, netns))?;
     Ok((scan.found, scan.denied, scan.skipped, scan.skipped_fds))
 }
 
