@@ -24,7 +24,8 @@ mod _twfix {
 
     #[pymodule_export]
     use crate::diag::py::{
-        dump_entries, listeners_in, netlink_discard, read_proc_net, snapshot, socket_owners, socket_reuse_flags,
+        dump_entries, listeners_in, netlink_discard, read_proc_net, read_proc_net_each, snapshot, socket_owners,
+        socket_reuse_flags,
     };
 
     #[pymodule_export]

@@ -36,6 +36,35 @@ pub fn run_in<T: Send + 'static>(path: &str, f: impl FnOnce() -> Result<T> + Sen
     handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
 }
 
+/// Run `f` once in each namespace of `paths` (None: the caller's), one after the other on one new thread
+/// that joins each in turn: one thread for many namespaces, where `run_in` per namespace paid a thread
+/// each (about 0.1 ms: 5 ms of a 50-namespace metrics scrape). Each namespace gets its own result; the
+/// thread never comes back to the caller, it ends. The caller's namespace is read first, before any move.
+pub fn run_in_each<T: Send + 'static>(
+    paths: Vec<Option<String>>,
+    f: impl Fn() -> Result<T> + Send + 'static,
+) -> Result<Vec<Result<T>>> {
+    let handle = std::thread::Builder::new()
+        .name("twfix-netns-each".into())
+        .spawn(move || -> Vec<Result<T>> {
+            let mut out: Vec<Option<Result<T>>> = paths.iter().map(|_| None).collect();
+            for (i, _) in paths.iter().enumerate().filter(|(_, p)| p.is_none()) {
+                out[i] = Some(f());
+            }
+            for (i, path) in paths.iter().enumerate() {
+                let Some(path) = path else { continue };
+                out[i] = Some(open_ns(path).and_then(|ns| match setns(&ns, CloneFlags::CLONE_NEWNET) {
+                    Ok(()) => f(),
+                    Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{path} is not a network namespace"))),
+                    Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({path})") }),
+                }));
+            }
+            out.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::Malformed("namespace not read".into())))).collect()
+        })
+        .map_err(|e| Error::os(e, "spawn a thread to enter the namespaces"))?;
+    handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))
+}
+
 /// Run `f` in a new thread that first makes a network namespace of its own (`unshare`), which the kernel
 /// frees when the thread ends. What `f` reads there is what every new namespace starts with.
 pub fn run_fresh<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -74,5 +103,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(matches!(run_in("", || Ok(())), Err(Error::Invalid(_))));
         assert!(matches!(run_in("/nonexistent/ns", || Ok(())), Err(Error::Os { errno: libc::ENOENT, .. })));
+    }
+
+    #[test]
+    fn each_namespace_gets_its_own_result_in_the_order_asked() {
+        let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let own = own.expect("own namespace");
+        let paths = vec![Some("/nonexistent/ns".to_owned()), None, Some("/proc/self/ns/net".to_owned()), None];
+        let got = run_in_each(paths, || {
+            std::fs::metadata("/proc/thread-self/ns/net")
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .map_err(|e| Error::os(e, "stat"))
+        })
+        .expect("a thread");
+        assert!(matches!(got[0], Err(Error::Os { errno: libc::ENOENT, .. })), "{:?}", got[0]);
+        // Entering a namespace (setns needs CAP_SYS_ADMIN) may be refused; the caller's own never is.
+        assert_eq!(got[1].as_ref().ok(), Some(&own));
+        assert!(got[2].as_ref().map_or(true, |ino| *ino == own));
+        assert_eq!(got[3].as_ref().ok(), Some(&own));
     }
 }

@@ -23,7 +23,7 @@ import pytest
 
 import twfix
 from tests.conftest import NetNS, run_unprivileged, unprivileged_python
-from twfix import cli, counters, netns, watch
+from twfix import cli, netns, watch
 from twfix._ipython import run as magic
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -130,17 +130,24 @@ def test_stale_run_netns_entries_are_skipped_and_reported(stale_run_netns: list[
     assert all(ns.path not in stale_run_netns for ns in netns.namespaces())
 
 
-def test_a_namespace_that_vanishes_during_a_scrape_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = counters.tcp
-
-    def flaky(ns: netns.NetNamespace | None = None) -> counters.TcpCounters:
-        if ns is not None and ns.inode == netns.current_inode():
-            raise ValueError("/run/netns/gone is not a network namespace")  # replaced between list and read
-        return real(ns)
-
-    monkeypatch.setattr(counters, "tcp", flaky)
+def test_a_namespace_that_vanishes_during_a_scrape_is_counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Listed, then gone or replaced before it is read: an ip-netns entry removed meanwhile, and one whose
+    file is now an ordinary file. The scrape counts them and still reads the rest."""
+    real = netns.namespaces
+    plain = tmp_path / "replaced"
+    plain.write_text("")
+    gone = [
+        netns.NetNamespace(inode=1, path=str(tmp_path / "removed"), name="removed"),
+        netns.NetNamespace(inode=2, path=str(plain), name="replaced"),
+    ]
+    listed = real()
+    monkeypatch.setattr(netns, "namespaces", lambda: [*listed, *gone])
     text = metrics.exposition(all_netns=True)
-    assert values(text, "twfix_netns_unreadable")[0][1] >= 1
+    unreadable = values(text, "twfix_netns_unreadable")[0][1]
+    assert 2 <= unreadable <= 2 + len(listed)  # other tests' namespaces may go meanwhile too
+    series = values(text, "twfix_netns_tcp_time_wait")
+    assert len(series) == values(text, "twfix_namespaces")[0][1] == len(listed) + 2 - unreadable
+    assert any(str(netns.current_inode()) in str(labels) for labels, _ in series)  # ours is still read
 
 
 # ------------------------------------------------------------------ 3. the server under a connection flood

@@ -3,6 +3,7 @@ orphans, TIME-WAIT) and the TcpExt counters of ``/proc/net/netstat``, whatever t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twfix import _twfix
@@ -46,6 +47,18 @@ def parse_tcpext(text: str) -> dict[str, int]:
             pairs = zip(head.split()[1:], values.split()[1:], strict=False)
             return {name: number for name, value in pairs if (number := _number(value)) is not None}
     return {}
+
+
+def tcp_each(spaces: Sequence[NetNamespace]) -> list[TcpCounters | None]:
+    """The sockstat counters of every namespace of ``spaces``, read by one thread that joins each in turn;
+    None for one that could not be entered or read (gone meanwhile, not a namespace, not ours to enter)."""
+    here = current_inode()
+    paths = [None if ns.inode == here else ns.path for ns in spaces]
+    try:
+        texts = _twfix.read_proc_net_each(["sockstat"], paths)
+    except OSError:  # no thread to be had (a pids limit): the caller's own namespace needs none
+        return [tcp(ns) if path is None else None for ns, path in zip(spaces, paths, strict=True)]
+    return [None if t is None else parse_sockstat(t[0] or "") for t in texts]
 
 
 def tcp(ns: NetNamespace | None = None) -> TcpCounters:

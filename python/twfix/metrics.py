@@ -93,13 +93,10 @@ class TwfixCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         start = time.monotonic()
         spaces = netns.namespaces() if self.all_netns else [netns.current()]
-        counted = []
-        vanished = 0
-        for ns in spaces:
-            try:
-                counted.append((ns, counters.tcp(ns)))
-            except (OSError, ValueError):
-                vanished += 1  # exited meanwhile, not ours to enter, or replaced by something else
+        # One thread enters every namespace in turn (a thread per namespace cost 0.1 ms each).
+        read = counters.tcp_each(spaces)
+        counted = [(ns, counts) for ns, counts in zip(spaces, read, strict=True) if counts is not None]
+        vanished = len(spaces) - len(counted)  # exited meanwhile, not ours to enter, or replaced by something else
         # Any local user can add namespaces: the series per scrape are capped, the busiest kept.
         counted.sort(key=lambda pair: -(pair[1].time_wait + pair[1].inuse))
         dropped = max(0, len(counted) - self.max_netns)

@@ -235,38 +235,57 @@ pub fn netlink_discard(py: Python<'_>, proto: &str, states: u32, one_walk: bool)
     Ok(py.detach(|| netlink::discard(proto, states, one_walk))?)
 }
 
+fn check_proc_net_names(names: &[String]) -> PyResult<()> {
+    for n in names {
+        if n.is_empty() || n.contains('/') || n.starts_with('.') {
+            return Err(crate::errors::Error::Invalid(format!("{n:?} is not a /proc/net file name")).into());
+        }
+    }
+    Ok(())
+}
+
+/// `/proc/thread-self/net/NAME` for each name, as the calling thread's network namespace sees it.
+fn read_proc_net_here(names: &[String]) -> crate::errors::Result<Vec<Option<String>>> {
+    use std::io::Read;
+    names
+        .iter()
+        .map(|n| {
+            // thread-self: the namespace of the thread that reads, which may have joined another.
+            let path = format!("/proc/thread-self/net/{n}");
+            match std::fs::File::open(&path) {
+                Ok(f) => {
+                    let mut text = String::new();
+                    f.take(1 << 20)
+                        .read_to_string(&mut text)
+                        .map_err(|e| crate::errors::Error::os(e, format!("read {path}")))?;
+                    Ok(Some(text))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(crate::errors::Error::os(e, format!("open {path}"))),
+            }
+        })
+        .collect()
+}
+
 /// The text of `/proc/net/NAME` files (`sockstat`, `netstat`, ...) as the network namespace at `netns` (or
 /// this thread's) sees them; None for a file that does not exist. At most 1 MiB of each is read.
 #[pyfunction]
 #[pyo3(signature = (names, netns=None))]
 pub fn read_proc_net(py: Python<'_>, names: Vec<String>, netns: Option<String>) -> PyResult<Vec<Option<String>>> {
-    use std::io::Read;
-    for n in &names {
-        if n.is_empty() || n.contains('/') || n.starts_with('.') {
-            return Err(crate::errors::Error::Invalid(format!("{n:?} is not a /proc/net file name")).into());
-        }
-    }
-    let out = py.detach(|| {
-        crate::netns::run(netns, move || {
-            names
-                .iter()
-                .map(|n| {
-                    // thread-self: the namespace of the thread that reads, which may have joined another.
-                    let path = format!("/proc/thread-self/net/{n}");
-                    match std::fs::File::open(&path) {
-                        Ok(f) => {
-                            let mut text = String::new();
-                            f.take(1 << 20)
-                                .read_to_string(&mut text)
-                                .map_err(|e| crate::errors::Error::os(e, format!("read {path}")))?;
-                            Ok(Some(text))
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                        Err(e) => Err(crate::errors::Error::os(e, format!("open {path}"))),
-                    }
-                })
-                .collect::<crate::errors::Result<Vec<_>>>()
-        })
-    })?;
-    Ok(out)
+    check_proc_net_names(&names)?;
+    Ok(py.detach(|| crate::netns::run(netns, move || read_proc_net_here(&names)))?)
+}
+
+/// `read_proc_net(names, ns)` for every namespace of `netns` (None: the caller's), on one thread that joins
+/// each in turn. Per namespace: the texts, or None where it could not be entered or read (gone meanwhile,
+/// not a namespace, not ours to enter).
+#[pyfunction]
+pub fn read_proc_net_each(
+    py: Python<'_>,
+    names: Vec<String>,
+    netns: Vec<Option<String>>,
+) -> PyResult<Vec<Option<Vec<Option<String>>>>> {
+    check_proc_net_names(&names)?;
+    let each = py.detach(|| crate::netns::run_in_each(netns, move || read_proc_net_here(&names)))?;
+    Ok(each.into_iter().map(std::result::Result::ok).collect())
 }
