@@ -403,4 +403,5 @@ def test_a_parser_built_for_one_command_parses_as_the_whole_one(argv: list[str])
     one = _cli_args.build_parser(argv)
     assert list(one.subcommands) == [argv[0]]  # type: ignore[attr-defined]
     assert one.parse_args(argv) == _cli_args.build_parser().parse_args(argv)
-    assert len(_cli_args.build_parser(["--help"]).subcommands) == len(_cli_args.COMMANDS)  # type: ignore[attr-defined]
+    for first in (["--help"], ["-h", argv[0]], ["bogus", argv[0]]):
+        assert len(_cli_args.build_parser(first).subcommands) == len(_cli_args.COMMANDS)  # type: ignore[attr-defined]

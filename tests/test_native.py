@@ -49,7 +49,9 @@ def test_dumps_and_owners(netns: NetNS) -> None:
         inode = os.fstat(srv.fileno()).st_ino
         found, denied, skipped, skipped_fds = _twfix.socket_owners([inode])
         assert (inode, os.getpid(), srv.fileno()) in found
-        assert (denied, skipped, skipped_fds) == (0, 0, 0)
+        assert denied == 0
+        # Left out once the owner is known: only processes over 4,096 descriptors (another test's, under xdist).
+        assert skipped_fds >= skipped * 4097
     with pytest.raises(ValueError):
         _twfix.netlink_discard("sctp", 0)
 

@@ -65,11 +65,11 @@ class _Skipped:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The command line's parser. Given the arguments, only the command they name is built (every command's
-    parser costs about 0.3 ms, most of it argparse asking gettext for translations); with none, or
-    arguments that name no command (``--help``, a typo), all of them."""
-    named = next((a for a in argv or () if not a.startswith("-")), None)
-    only = named if named in COMMANDS else None
+    """The command line's parser. Given arguments that start with a command, only that command's parser is
+    built (each costs about 0.3 ms, most of it argparse asking gettext for translations); otherwise
+    (``--help``, ``-V``, a typo) all of them."""
+    # Only when the command comes first: `twfix -h who` is the top-level help, which lists every command.
+    only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = Parser(prog="twfix", description="TIME-WAIT, port and address-reuse diagnostics for Linux.")
     parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

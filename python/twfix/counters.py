@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from twfix import _twfix
 from twfix.netns import NetNamespace, current_inode
 
-__all__ = ["TcpCounters", "parse_sockstat", "parse_tcpext", "tcp"]
+__all__ = ["TcpCounters", "parse_sockstat", "parse_tcpext", "tcp", "tcp_each"]
 
 
 @dataclass(frozen=True)

@@ -269,8 +269,9 @@ def _owners(
     inodes: Iterable[int], ns: str | None, uids: Iterable[int] = ()
 ) -> tuple[dict[int, tuple[Process, ...]], int, int, int]:
     """:func:`owners_of`, plus the processes of the namespace left unsearched and their descriptors.
-    ``uids``: the sockets' users, whose processes are searched first (other users' only up to 64
-    descriptors before every socket has an owner)."""
+    ``uids``: the sockets' users. Other users' processes with more than 64 descriptors are searched only
+    when they descend from a holder (workers that dropped privileges, a socket-activated service) or
+    while a socket has no owner."""
     try:
         inode: int | None = os.stat(ns or "/proc/thread-self/ns/net").st_ino
     except OSError:
@@ -333,8 +334,8 @@ def holders_of(
         )
     elif skipped:
         note = (
-            f"{skipped} process(es) of this namespace holding more than 4096 descriptors, or more than 64 under "
-            f"another user than the socket's ({skipped_fds} in all), were not searched once every socket had an "
-            "owner: other holders of a shared socket among them are not listed"
+            f"{skipped} process(es) of this namespace holding more than 4096 descriptors ({skipped_fds} in all) "
+            "were not searched once every socket had an owner: other holders of a shared socket among them "
+            "are not listed"
         )
     return Holders(port, kind, tuple(holders), denied, note, complete)

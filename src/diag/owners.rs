@@ -36,7 +36,8 @@ pub struct OwnerScan {
 /// reports for /proc/PID/fd, 6.2+; 0 where it reports none).
 struct Candidate {
     pid: u32,
-    netns: Option<u64>,
+    /// In the sockets' namespace (or no preference).
+    here: bool,
     fds: u64,
 }
 
@@ -69,20 +70,42 @@ pub const BIG_PROCESS_FDS: u64 = 4096;
 
 /// A process of another user than the sockets' creators is searched first only up to this many
 /// descriptors. Its sockets are nearly always its own; it holds one of theirs when it inherited it (a
-/// prefork server's workers after dropping privileges: few descriptors) or was passed it. Reading a
-/// descriptor's link costs about 1.5 us, so a database of another user with 2,000 descriptors in the
-/// same namespace would add 3 ms to every search (`benches/bench_floor.py`, crowded rows).
+/// prefork server's workers after dropping privileges) or was passed it (socket activation), and then it
+/// is a child of a holder: such processes are followed by parentage. Reading a descriptor's link costs
+/// about 1.5 us, so a database of another user with 2,000 descriptors in the same namespace would add
+/// 3 ms to every search (`benches/bench_floor.py`, crowded rows).
 pub const OTHER_USER_FDS: u64 = 64;
+
+/// The parent pid in a /proc/PID/stat text: the field after the state, which follows the last `)` (the
+/// command name in parentheses may itself hold spaces and parentheses).
+pub fn parent_pid(stat: &[u8]) -> Option<u32> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether the process runs as one of `uids`: the owner of the /proc/PID directory is the process's
+/// effective uid, also when it is not dumpable (the kernel keeps that directory's owner for the sake
+/// of tools that stat it, while the files inside turn to root). Unreadable: assumed so (searched rather
+/// than missed).
+fn runs_as(entry: &std::fs::DirEntry, uids: &[u32]) -> bool {
+    entry.metadata().map_or(true, |m| uids.contains(&std::os::unix::fs::MetadataExt::uid(&m)))
+}
 
 /// Every (inode, pid, fd) triple for the wanted inodes (the first descriptor of that socket in that
 /// process). A socket inherited across fork() is held by every process that has it open (a prefork
 /// server's master and workers), so every ordinary process of the socket's network namespace (`netns`,
 /// an inode; None: no preference) is searched: processes of the sockets' users (`uids`, the uid the
 /// kernel reports for each socket; empty: no preference) up to `BIG_PROCESS_FDS` descriptors, processes
-/// of other users up to `OTHER_USER_FDS`. Bigger processes, and processes of other namespaces (which hold
-/// this namespace's sockets only after setns() or descriptor passing), are searched after that, this
-/// namespace's first and fewest descriptors first, and only while a wanted socket still has no owner.
-/// Threads share their process's descriptor table, so /proc/PID covers them.
+/// of other users up to `OTHER_USER_FDS`, and then, up to `BIG_PROCESS_FDS`, the children of every
+/// holder found (workers that dropped privileges, a socket-activated service under systemd), and
+/// theirs. Bigger processes, and processes of other namespaces (which hold this namespace's sockets only
+/// after setns() or descriptor passing), are searched after that, this namespace's first and fewest
+/// descriptors first, and only while a wanted socket still has no owner; `skipped` counts this
+/// namespace's processes over `BIG_PROCESS_FDS` left out then (other users' mid-size processes that
+/// descend from no holder are left out silently: they would hold a socket only if one was passed to
+/// them by a process that is not its holder any more). Threads share their process's descriptor table,
+/// so /proc/PID covers them.
 pub fn owners(inodes: &[u64], uids: &[u32], netns: Option<u64>) -> Result<OwnerScan> {
     let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
     let mut scan = OwnerScan::default();
@@ -99,14 +122,12 @@ pub fn owners(inodes: &[u64], uids: &[u32], netns: Option<u64>) -> Result<OwnerS
         };
         let path = entry.path();
         let ns = std::fs::metadata(path.join("ns/net")).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        // /proc/PID itself belongs to the process's effective user.
-        let uid = entry.metadata().ok().map(|m| std::os::unix::fs::MetadataExt::uid(&m));
         let fds = descriptor_count(&path);
-        let c = Candidate { pid, netns: ns, fds };
         let here = netns.is_none() || ns.is_none() || ns == netns;
-        let limit =
-            if uids.is_empty() || uid.is_none_or(|u| uids.contains(&u)) { BIG_PROCESS_FDS } else { OTHER_USER_FDS };
-        if here && fds <= limit {
+        let c = Candidate { pid, here, fds };
+        if !here || fds > BIG_PROCESS_FDS {
+            far.push(c);
+        } else if fds <= OTHER_USER_FDS || uids.is_empty() || runs_as(&entry, uids) {
             near.push(c);
         } else {
             far.push(c);
@@ -116,19 +137,57 @@ pub fn owners(inodes: &[u64], uids: &[u32], netns: Option<u64>) -> Result<OwnerS
     for c in &near {
         search(c.pid, &wanted, &mut owned, &mut scan);
     }
-    far.sort_unstable_by_key(|c| (c.netns != netns, c.fds));
+    far.sort_unstable_by_key(|c| (!c.here, c.fds));
+    follow_children(&mut far, &wanted, &mut owned, &mut scan);
     for (i, c) in far.iter().enumerate() {
         if owned.len() == wanted.len() {
-            let rest = &far[i..];
-            let here = rest.iter().filter(|c| c.netns == netns || netns.is_none());
-            scan.skipped = here.clone().count() as u64;
-            scan.skipped_fds = here.map(|c| c.fds).sum();
+            let big = far[i..].iter().filter(|c| c.here && c.fds > BIG_PROCESS_FDS);
+            scan.skipped = big.clone().count() as u64;
+            scan.skipped_fds = big.map(|c| c.fds).sum();
             break;
         }
         search(c.pid, &wanted, &mut owned, &mut scan);
     }
     scan.found.sort_unstable();
     Ok(scan)
+}
+
+/// Search, among `far`, this namespace's processes of at most `BIG_PROCESS_FDS` descriptors whose parent
+/// holds a wanted socket, and their children in turn; the ones searched leave `far`.
+fn follow_children(far: &mut Vec<Candidate>, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut OwnerScan) {
+    let mut holders: HashSet<u32> = scan.found.iter().map(|t| t.1).collect();
+    if holders.is_empty() {
+        return;
+    }
+    let mut parents: Vec<(usize, u32)> = far
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.here && c.fds <= BIG_PROCESS_FDS)
+        .filter_map(|(i, c)| {
+            std::fs::read(format!("/proc/{}/stat", c.pid)).ok().and_then(|s| parent_pid(&s)).map(|p| (i, p))
+        })
+        .collect();
+    let mut searched: HashSet<usize> = HashSet::new();
+    loop {
+        let next: Vec<usize> = parents.iter().filter(|(_, p)| holders.contains(p)).map(|(i, _)| *i).collect();
+        if next.is_empty() {
+            break;
+        }
+        parents.retain(|(i, _)| !next.contains(i));
+        for i in next {
+            let before = scan.found.len();
+            search(far[i].pid, wanted, owned, scan);
+            if scan.found.len() > before {
+                holders.insert(far[i].pid);
+            }
+            searched.insert(i);
+        }
+    }
+    let mut index = 0;
+    far.retain(|_| {
+        index += 1;
+        !searched.contains(&(index - 1))
+    });
 }
 
 fn search(pid: u32, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut OwnerScan) {
@@ -223,6 +282,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_parent() {
+        assert_eq!(parent_pid(b"42 (a) b) c) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_pid(b"42 (x"), None);
+        let own = std::fs::read("/proc/self/stat").expect("own stat");
+        assert_eq!(parent_pid(&own), Some(std::os::unix::process::parent_id()));
+    }
+
+    #[test]
     fn inode_links() {
         assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
         for bad in [&b"socket:[]"[..], b"pipe:[1]", b"socket:[1", b"socket:[-1]", b"socket:[99999999999999999999999]"] {
@@ -234,6 +301,11 @@ mod tests {
         #[test]
         fn inode_parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..40)) {
             let _ = socket_inode(&data);
+        }
+
+        #[test]
+        fn stat_parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = parent_pid(&data);
         }
     }
 }
