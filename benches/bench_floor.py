@@ -35,8 +35,13 @@ import twfix
 from _setup import FLOOR, Paired, paired, populate, private_namespace, write_sysctl
 from twfix import _twfix, cli
 
+# A neighbour: `argv[1]` descriptors held until a line comes on stdin. It forks away from its parent first,
+# so that it is nobody's child here (the owner search follows the children of a socket's holders, and the
+# benchmark itself holds the listener): an unrelated process, as on a real host.
 HOLDER = """
 import os, sys
+if os.fork():
+    os._exit(0)
 null = os.open("/dev/null", os.O_RDONLY)
 fds = [os.dup(null) for _ in range(int(sys.argv[1]))]
 print("ready", flush=True)
