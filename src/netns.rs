@@ -19,19 +19,22 @@ fn open_ns(path: &str) -> Result<OwnedFd> {
         .map_err(|e| Error::Os { errno: e as i32, what: format!("open namespace {path}") })
 }
 
+/// Move the calling thread into the network namespace `ns` (opened from `path`, named in errors).
+fn enter(ns: &OwnedFd, path: &str) -> Result<()> {
+    match setns(ns, CloneFlags::CLONE_NEWNET) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{path} is not a network namespace"))),
+        Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({path})") }),
+    }
+}
+
 /// Run `f` in a new thread that first joins the network namespace at `path`.
 pub fn run_in<T: Send + 'static>(path: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let ns = open_ns(path)?;
-    let shown = path.to_owned();
+    let ns = open_ns(path)?; // opened here: a path that cannot be opened fails before a thread is made
+    let path = path.to_owned();
     let handle = std::thread::Builder::new()
         .name("twfix-netns".into())
-        .spawn(move || -> Result<T> {
-            match setns(&ns, CloneFlags::CLONE_NEWNET) {
-                Ok(()) => f(),
-                Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{shown} is not a network namespace"))),
-                Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({shown})") }),
-            }
-        })
+        .spawn(move || enter(&ns, &path).and_then(|()| f()))
         .map_err(|e| Error::os(e, "spawn a thread to enter the namespace"))?;
     handle.join().map_err(|_| Error::Malformed("namespace thread panicked".into()))?
 }
@@ -53,11 +56,7 @@ pub fn run_in_each<T: Send + 'static>(
             }
             for (i, path) in paths.iter().enumerate() {
                 let Some(path) = path else { continue };
-                out[i] = Some(open_ns(path).and_then(|ns| match setns(&ns, CloneFlags::CLONE_NEWNET) {
-                    Ok(()) => f(),
-                    Err(nix::errno::Errno::EINVAL) => Err(Error::Invalid(format!("{path} is not a network namespace"))),
-                    Err(e) => Err(Error::Os { errno: e as i32, what: format!("setns({path})") }),
-                }));
+                out[i] = Some(open_ns(path).and_then(|ns| enter(&ns, path)).and_then(|()| f()));
             }
             out.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::Malformed("namespace not read".into())))).collect()
         })
