@@ -92,13 +92,11 @@ pub fn collect<T>(q: &Query, init: impl Fn() -> T, add: impl Fn(&mut T, &Record)
     }
 }
 
-/// Dump `families` one after the other (`BOTH` only over netlink).
+/// Dump `families` one after the other.
 fn stream_families(families: &[u8], q: &Query, each: &mut dyn FnMut(&Record)) -> Result<Outcome> {
     let mut outcome = Outcome::default();
     for &family in families {
-        let got =
-            if family == BOTH { from_netlink(family, q, &mut false, each)? } else { dump_family(family, q, each)? };
-        outcome.interrupted |= got.interrupted;
+        outcome.interrupted |= dump_family(family, q, each)?.interrupted;
     }
     Ok(outcome)
 }
@@ -116,7 +114,11 @@ mod tests {
         let find = |families: &[u8], source: Source| {
             let q = Query::new(Proto::Tcp, 1 << LISTEN, source, Filter::LocalPort(port));
             let mut found = Vec::new();
-            stream_families(families, &q, &mut |r| found.push(*r)).expect("dump");
+            if families == [BOTH] {
+                from_netlink(BOTH, &q, &mut false, &mut |r| found.push(*r)).expect("one-walk dump");
+            } else {
+                stream_families(families, &q, &mut |r| found.push(*r)).expect("dump");
+            }
             found
         };
         let one = find(&[BOTH], Source::Netlink);
