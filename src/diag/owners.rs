@@ -1,6 +1,6 @@
 //! Socket inode -> processes, from the /proc/PID/fd links (what `ss -p`, `lsof` and `fuser` read).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -155,39 +155,28 @@ pub fn owners(inodes: &[u64], uids: &[u32], netns: Option<u64>) -> Result<OwnerS
 /// Search, among `far`, this namespace's processes of at most `BIG_PROCESS_FDS` descriptors whose parent
 /// holds a wanted socket, and their children in turn; the ones searched leave `far`.
 fn follow_children(far: &mut Vec<Candidate>, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut OwnerScan) {
-    let mut holders: HashSet<u32> = scan.found.iter().map(|t| t.1).collect();
-    if holders.is_empty() {
+    let mut parents: Vec<u32> = scan.found.iter().map(|t| t.1).collect();
+    if parents.is_empty() {
         return;
     }
-    let mut parents: Vec<(usize, u32)> = far
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.here && c.fds <= BIG_PROCESS_FDS)
-        .filter_map(|(i, c)| {
-            std::fs::read(format!("/proc/{}/stat", c.pid)).ok().and_then(|s| parent_pid(&s)).map(|p| (i, p))
-        })
-        .collect();
-    let mut searched: HashSet<usize> = HashSet::new();
-    loop {
-        let next: Vec<usize> = parents.iter().filter(|(_, p)| holders.contains(p)).map(|(i, _)| *i).collect();
-        if next.is_empty() {
-            break;
-        }
-        parents.retain(|(i, _)| !next.contains(i));
-        for i in next {
-            let before = scan.found.len();
-            search(far[i].pid, wanted, owned, scan);
-            if scan.found.len() > before {
-                holders.insert(far[i].pid);
-            }
-            searched.insert(i);
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for c in far.iter().filter(|c| c.here && c.fds <= BIG_PROCESS_FDS) {
+        if let Some(parent) = std::fs::read(format!("/proc/{}/stat", c.pid)).ok().and_then(|s| parent_pid(&s)) {
+            children.entry(parent).or_default().push(c.pid);
         }
     }
-    let mut index = 0;
-    far.retain(|_| {
-        index += 1;
-        !searched.contains(&(index - 1))
-    });
+    let mut searched: HashSet<u32> = HashSet::new();
+    while let Some(parent) = parents.pop() {
+        for pid in children.remove(&parent).unwrap_or_default() {
+            let before = scan.found.len();
+            search(pid, wanted, owned, scan);
+            searched.insert(pid);
+            if scan.found.len() > before {
+                parents.push(pid); // a holder: its children next
+            }
+        }
+    }
+    far.retain(|c| !searched.contains(&c.pid));
 }
 
 fn search(pid: u32, wanted: &HashSet<u64>, owned: &mut HashSet<u64>, scan: &mut OwnerScan) {
