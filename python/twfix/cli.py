@@ -246,7 +246,7 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
     kind = "udp" if args.udp else "tcp"
     ns = namespace_path(args.netns, args.pid)
     entries, complete = owners.port_sockets(kind, args.port, ns, args.connections or args.all)
-    holders = owners.holders_of(entries, args.port, kind, ns, complete=complete)
+    holders = owners.holders_of(entries, args.port, kind, ns, complete=complete)  # entries: the timers below
     if args.json:
         _dump(holders.to_dict(), out)
         return 0 if holders.holders else 1
@@ -281,7 +281,7 @@ def _cmd_who(args: argparse.Namespace, out: TextIO) -> int:
             lines.append(f"    {len(left):>7} {state:<11} peer {peer}  {min(left):.0f}-{max(left):.0f} s left")
     if holders.note:
         lines.append(f"note: {holders.note}")
-    if not complete:
+    if not holders.complete:
         lines.append("connections and TIME-WAIT on this port not looked for (a listener holds it): --connections")
         lines.append("counts them, --all lists them (either walks the whole socket table)")
     _write(out, "\n".join(lines))
