@@ -137,16 +137,15 @@ def paired(
     }
 
 
-def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Best (wall, CPU) seconds of ``fn`` over ``repeat`` calls; CPU is user+system of the whole process,
-    every thread included (time.process_time)."""
-    wall = cpu = float("inf")
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall = min(wall, time.perf_counter() - t0)
-        cpu = min(cpu, time.process_time() - c0)
-    return wall, cpu
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Best (wall, CPU) seconds of each function, the functions run one after the other in every round; CPU
+    is user+system of the whole process, every thread included (time.process_time)."""
+    best_of = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            wall, cpu = _clock(fn)
+            best_of[name] = (min(best_of[name][0], wall), min(best_of[name][1], cpu))
+    return best_of
 
 
 def best(fn: Callable[[], object], repeat: int) -> float:

@@ -28,11 +28,10 @@ import io
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import twfix
-from _setup import FLOOR, Paired, paired, populate, private_namespace, write_sysctl
+from _setup import FLOOR, Paired, interleaved, paired, populate, private_namespace, write_sysctl
 from twfix import _twfix, cli
 
 # A neighbour: `argv[1]` descriptors held until a line comes on stdin. It forks away from its parent first,
@@ -64,18 +63,6 @@ def neighbours(count: int, fds: int) -> list[subprocess.Popen[str]]:
         if p.stdout.readline().strip() != "ready":
             raise SystemExit(f"a neighbour did not start: {p.args}")
     return procs
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
-    """Best (wall, CPU) of each function, the functions run one after the other in every round."""
-    best = {name: (float("inf"), float("inf")) for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
 
 
 def failing_constructor(port: int) -> Callable[[], object]:
